@@ -1,0 +1,203 @@
+"""Embedded models: tiny, real Hugging Face checkpoints built offline.
+
+Each is a genuine `transformers` checkpoint (config.json, safetensors weights,
+a byte-level BPE tokenizer with a chat template) with random weights, so that
+the whole serving path runs where no model hub can be reached. The build is
+deterministic: the same spec, torch and tokenizers versions give the same files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MODEL = "tiny-llama-gqa"
+_HERE = Path(__file__).parent
+_MARKER = "llmgrpc-build.json"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to build: a transformers config plus the tokenizer's vocabulary size."""
+
+    name: str
+    model_type: str
+    config: dict[str, Any]
+    vocab_size: int = 512
+    seed: int = 0
+    special_tokens: tuple[str, ...] = field(
+        default=("<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+    )
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        corpus = (_HERE / "corpus.txt").read_bytes() + (_HERE / "chat_template.jinja").read_bytes()
+        return hashlib.sha256(blob + corpus).hexdigest()[:16]
+
+
+_COMMON = {
+    "hidden_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "max_position_embeddings": 2048,
+    "rope_theta": 10000.0,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+
+EMBEDDED: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec(
+            name="tiny-llama-gqa",
+            model_type="llama",
+            config={**_COMMON, "intermediate_size": 512},
+        ),
+        ModelSpec(
+            name="tiny-mixtral-moe",
+            model_type="mixtral",
+            config={
+                **_COMMON,
+                "intermediate_size": 256,
+                "num_local_experts": 4,
+                "num_experts_per_tok": 2,
+                "sliding_window": None,
+            },
+        ),
+    )
+}
+
+
+def resolve(model: str, models_dir: Path) -> str:
+    """Map an embedded model's name to its directory (building it if needed).
+
+    Anything else (a local directory or a hub id) is returned unchanged.
+    """
+    spec = EMBEDDED.get(model)
+    if spec is None:
+        return model
+    return str(ensure_built(spec, models_dir))
+
+
+def ensure_built(spec: ModelSpec, models_dir: Path) -> Path:
+    target = models_dir / spec.name
+    marker = target / _MARKER
+    fingerprint = spec.fingerprint()
+    if marker.exists() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
+        return target
+    models_dir.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename into place, so that concurrent
+    # builders (parallel test sessions) never see a half-written model.
+    staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=models_dir))
+    staging.chmod(0o755)
+    try:
+        _build(spec, staging)
+        (staging / _MARKER).write_text(json.dumps({"fingerprint": fingerprint, "name": spec.name}))
+        if target.exists():
+            shutil.rmtree(target, ignore_errors=True)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            # Another builder won the race with the same fingerprint.
+            shutil.rmtree(staging, ignore_errors=True)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _build(spec: ModelSpec, out: Path) -> None:
+    tokenizer = _build_tokenizer(spec)
+    tokenizer.save_pretrained(out)
+    _build_weights(spec, tokenizer, out)
+
+
+def _build_tokenizer(spec: ModelSpec) -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.vocab_size,
+        special_tokens=list(spec.special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    lines = (_HERE / "corpus.txt").read_text().splitlines()
+    bpe.train_from_iterator(lines, trainer=trainer)
+    bos = bpe.token_to_id("<s>")
+    bpe.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+            ),
+        ]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
+        chat_template=(_HERE / "chat_template.jinja").read_text(),
+        model_max_length=spec.config["max_position_embeddings"],
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def _build_weights(spec: ModelSpec, tokenizer: Any, out: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        spec.model_type,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **spec.config,
+    )
+    torch.manual_seed(spec.seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out, safe_serialization=True)
+    # transformers may write a generation_config with sampling defaults; the
+    # service's defaults come from the request, so keep only the token ids.
+    (out / "generation_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token_id": tokenizer.bos_token_id,
+                "eos_token_id": tokenizer.eos_token_id,
+                "pad_token_id": tokenizer.pad_token_id,
+            },
+            indent=2,
+        )
+    )
+
+
+def default_models_dir() -> Path:
+    return Path(os.environ.get("LLMGRPC_MODELS_DIR", Path.home() / ".cache" / "llmgrpc" / "models"))
+
+
+def main() -> None:
+    """`python -m llmgrpc_server.models [DIR]`: build every embedded model."""
+    import sys
+
+    models_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else default_models_dir()
+    for spec in EMBEDDED.values():
+        print(f"{spec.name}: {ensure_built(spec, models_dir)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from llmgrpc_server.models import main
+
+main()
