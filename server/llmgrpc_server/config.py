@@ -1,0 +1,121 @@
+"""The server's own settings, parsed once at the edge (main.py).
+
+Engine settings are vLLM's own `AsyncEngineArgs`; this holds only what the
+gRPC front end adds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import grpc
+
+DEFAULT_PORT = 50051
+DEFAULT_METRICS_PORT = 9400
+
+
+def service_version() -> str:
+    try:
+        return version("llmgrpc")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "[::]"
+    port: int = DEFAULT_PORT
+    # 0 disables the /metrics endpoint.
+    metrics_port: int = DEFAULT_METRICS_PORT
+    drain_timeout: float = 30.0
+    max_in_flight: int = 256
+    max_message_bytes: int = 16 * 1024 * 1024
+    max_concurrent_streams: int = 1024
+    models_dir: Path = field(default_factory=lambda: Path.home() / ".cache/llmgrpc/models")
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    auth_tokens: tuple[str, ...] = ()
+    service_version: str = field(default_factory=service_version)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port must be in [0, 65535], got {self.port}")
+        if self.drain_timeout < 0:
+            raise ValueError("--drain-timeout must be >= 0")
+        if self.max_in_flight < 1:
+            raise ValueError("--max-in-flight must be >= 1")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+
+    def server_credentials(self) -> grpc.ServerCredentials | None:
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        pair = (self.tls_key.read_bytes(), self.tls_cert.read_bytes())
+        ca = self.tls_client_ca.read_bytes() if self.tls_client_ca else None
+        return grpc.ssl_server_credentials(
+            [pair], root_certificates=ca, require_client_auth=ca is not None
+        )
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("llmgrpc server")
+    g.add_argument("--host", default="[::]", help="address to bind (default: all)")
+    g.add_argument("--port", type=int, default=DEFAULT_PORT, help="gRPC port (0: any free port)")
+    g.add_argument(
+        "--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
+        help="HTTP port of /metrics (0 disables)",
+    )  # fmt: skip
+    g.add_argument(
+        "--drain-timeout", type=float, default=30.0,
+        help="seconds in-flight calls get to finish after SIGTERM",
+    )  # fmt: skip
+    g.add_argument(
+        "--max-in-flight", type=int, default=256,
+        help="generation requests in flight before RESOURCE_EXHAUSTED",
+    )  # fmt: skip
+    g.add_argument("--max-message-bytes", type=int, default=16 * 1024 * 1024)
+    g.add_argument("--max-concurrent-streams", type=int, default=1024,
+                   help="HTTP/2 streams per connection")  # fmt: skip
+    g.add_argument(
+        "--models-dir", type=Path,
+        default=Path(os.environ.get("LLMGRPC_MODELS_DIR", Path.home() / ".cache/llmgrpc/models")),
+        help="where embedded models are built (env LLMGRPC_MODELS_DIR)",
+    )  # fmt: skip
+    g.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS")
+    g.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
+    g.add_argument("--tls-client-ca", type=Path, help="PEM CA bundle: require client certs (mTLS)")
+    g.add_argument(
+        "--auth-token-file", type=Path,
+        help="bearer tokens, one per line; calls without one get UNAUTHENTICATED",
+    )  # fmt: skip
+
+
+def from_namespace(ns: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        host=ns.host,
+        port=ns.port,
+        metrics_port=ns.metrics_port,
+        drain_timeout=ns.drain_timeout,
+        max_in_flight=ns.max_in_flight,
+        max_message_bytes=ns.max_message_bytes,
+        max_concurrent_streams=ns.max_concurrent_streams,
+        models_dir=ns.models_dir,
+        tls_cert=ns.tls_cert,
+        tls_key=ns.tls_key,
+        tls_client_ca=ns.tls_client_ca,
+        auth_tokens=read_tokens(ns.auth_token_file) if ns.auth_token_file else (),
+    )
+
+
+def read_tokens(path: Path) -> tuple[str, ...]:
+    tokens = tuple(t.strip() for t in path.read_text().splitlines() if t.strip())
+    if not tokens:
+        raise ValueError(f"--auth-token-file {path} has no tokens")
+    return tokens

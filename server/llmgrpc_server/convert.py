@@ -1,0 +1,263 @@
+"""Pure conversion between protobuf messages and domain types.
+
+Validation of everything a request can get wrong on its own (ranges, NaN,
+empty input, ids outside the vocabulary) happens here, so that the engine
+adapter only ever sees well-formed requests. Prompt *length* needs the
+tokenizer and is checked by the engine adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from dataclasses import dataclass
+
+from llmgrpc.v1 import llm_service_pb2 as pb
+
+from llmgrpc_server import domain
+from llmgrpc_server.errors import FailedPrecondition, InvalidArgument
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the served model and the operator allow."""
+
+    vocab_size: int
+    max_model_len: int
+    max_logprobs: int = 20
+    max_stop_strings: int = 16
+    max_request_id_len: int = 256
+    has_chat_template: bool = True
+
+
+# --- requests -----------------------------------------------------------------
+
+
+def to_generation_request(
+    msg: pb.GenerateRequest, limits: Limits, deadline: float | None = None
+) -> domain.GenerationRequest:
+    if len(msg.request_id) > limits.max_request_id_len:
+        raise InvalidArgument(
+            "request_id", f"at most {limits.max_request_id_len} characters, got {len(msg.request_id)}"
+        )
+    prompt, token_ids, chat = _input(msg, limits)
+    return domain.GenerationRequest(
+        request_id=msg.request_id or uuid.uuid4().hex,
+        prompt=prompt,
+        prompt_token_ids=token_ids,
+        chat=chat,
+        sampling=to_sampling(msg.sampling, limits),
+        structured_output=to_structured_output(msg.structured_output)
+        if msg.HasField("structured_output")
+        else None,
+        deadline=deadline,
+    )
+
+
+def _input(
+    msg: pb.GenerateRequest, limits: Limits
+) -> tuple[str | None, tuple[int, ...] | None, domain.Chat | None]:
+    kind = msg.WhichOneof("input")
+    if kind is None:
+        raise InvalidArgument("input", "one of prompt, prompt_token_ids or chat is required")
+    if kind == "prompt":
+        if not msg.prompt:
+            raise InvalidArgument("prompt", "must not be empty")
+        return msg.prompt, None, None
+    if kind == "prompt_token_ids":
+        ids = tuple(msg.prompt_token_ids.ids)
+        if not ids:
+            raise InvalidArgument("prompt_token_ids.ids", "must not be empty")
+        check_token_ids("prompt_token_ids.ids", ids, limits.vocab_size)
+        return None, ids, None
+    return None, None, to_chat(msg.chat, limits, "chat")
+
+
+def to_chat(msg: pb.ChatInput, limits: Limits, field: str) -> domain.Chat:
+    if not limits.has_chat_template:
+        raise FailedPrecondition(f"{field}: this model has no chat template; send a prompt")
+    if not msg.messages:
+        raise InvalidArgument(f"{field}.messages", "must not be empty")
+    for i, turn in enumerate(msg.messages):
+        if not turn.role:
+            raise InvalidArgument(f"{field}.messages[{i}].role", "must not be empty")
+    return domain.Chat(
+        turns=tuple(domain.ChatTurn(t.role, t.content) for t in msg.messages),
+        add_generation_prompt=msg.add_generation_prompt
+        if msg.HasField("add_generation_prompt")
+        else True,
+    )
+
+
+def check_token_ids(field: str, ids: tuple[int, ...] | list[int], vocab_size: int) -> None:
+    for i, token in enumerate(ids):
+        if token >= vocab_size:
+            raise InvalidArgument(
+                f"{field}[{i}]", f"token id {token} is outside the vocabulary (size {vocab_size})"
+            )
+
+
+def _finite(field: str, value: float, low: float, high: float, *, low_open: bool = False) -> float:
+    if not math.isfinite(value):
+        raise InvalidArgument(field, f"must be a finite number, got {value}")
+    if value < low or value > high or (low_open and value == low):
+        bracket = "(" if low_open else "["
+        raise InvalidArgument(field, f"must be in {bracket}{low}, {high}], got {value}")
+    return value
+
+
+def to_sampling(msg: pb.SamplingParams, limits: Limits) -> domain.Sampling:  # noqa: PLR0912
+    s = domain.Sampling()
+    kw: dict[str, object] = {}
+    if msg.HasField("max_tokens"):
+        if msg.max_tokens < 1:
+            raise InvalidArgument("sampling.max_tokens", "must be >= 1")
+        if msg.max_tokens > limits.max_model_len:
+            raise InvalidArgument(
+                "sampling.max_tokens",
+                f"{msg.max_tokens} exceeds the model's limit of {limits.max_model_len} tokens",
+            )
+        kw["max_tokens"] = msg.max_tokens
+    if msg.HasField("min_tokens"):
+        kw["min_tokens"] = msg.min_tokens
+        if msg.HasField("max_tokens") and msg.min_tokens > msg.max_tokens:
+            raise InvalidArgument("sampling.min_tokens", "must be <= max_tokens")
+    if msg.HasField("temperature"):
+        kw["temperature"] = _finite("sampling.temperature", msg.temperature, 0.0, 100.0)
+    if msg.HasField("top_p"):
+        kw["top_p"] = _finite("sampling.top_p", msg.top_p, 0.0, 1.0, low_open=True)
+    if msg.HasField("top_k"):
+        if msg.top_k < 1:
+            raise InvalidArgument("sampling.top_k", "must be >= 1; leave it unset to disable top-k")
+        kw["top_k"] = msg.top_k
+    if msg.HasField("min_p"):
+        kw["min_p"] = _finite("sampling.min_p", msg.min_p, 0.0, 1.0)
+    if msg.HasField("seed"):
+        kw["seed"] = msg.seed
+    if msg.HasField("presence_penalty"):
+        kw["presence_penalty"] = _finite("sampling.presence_penalty", msg.presence_penalty, -2, 2)
+    if msg.HasField("frequency_penalty"):
+        kw["frequency_penalty"] = _finite(
+            "sampling.frequency_penalty", msg.frequency_penalty, -2, 2
+        )
+    if msg.HasField("repetition_penalty"):
+        kw["repetition_penalty"] = _finite(
+            "sampling.repetition_penalty", msg.repetition_penalty, 0.0, 2.0, low_open=True
+        )
+    if len(msg.stop) > limits.max_stop_strings:
+        raise InvalidArgument("sampling.stop", f"at most {limits.max_stop_strings} stop strings")
+    for i, stop in enumerate(msg.stop):
+        if not stop:
+            raise InvalidArgument(f"sampling.stop[{i}]", "must not be empty")
+    kw["stop"] = tuple(msg.stop)
+    check_token_ids("sampling.stop_token_ids", list(msg.stop_token_ids), limits.vocab_size)
+    kw["stop_token_ids"] = tuple(msg.stop_token_ids)
+    if msg.HasField("logprobs"):
+        if msg.logprobs > limits.max_logprobs:
+            raise InvalidArgument(
+                "sampling.logprobs", f"at most {limits.max_logprobs}, got {msg.logprobs}"
+            )
+        kw["logprobs"] = msg.logprobs
+    for flag in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+        if msg.HasField(flag):
+            kw[flag] = getattr(msg, flag)
+    return domain.Sampling(**{**s.__dict__, **kw})  # type: ignore[arg-type]
+
+
+def to_structured_output(msg: pb.StructuredOutput) -> domain.StructuredOutput:
+    kind = msg.WhichOneof("kind")
+    if kind is None:
+        raise InvalidArgument("structured_output", "set one of json_schema, regex, choice, grammar")
+    if kind == "json_schema":
+        try:
+            schema = json.loads(msg.json_schema)
+        except ValueError as e:
+            raise InvalidArgument("structured_output.json_schema", f"not valid JSON: {e}") from e
+        if not isinstance(schema, dict):
+            raise InvalidArgument("structured_output.json_schema", "must be a JSON object")
+        return domain.StructuredOutput(json_schema=msg.json_schema)
+    if kind == "choice":
+        if not msg.choice.choices or any(not c for c in msg.choice.choices):
+            raise InvalidArgument(
+                "structured_output.choice.choices", "needs at least one non-empty choice"
+            )
+        return domain.StructuredOutput(choice=tuple(msg.choice.choices))
+    value = getattr(msg, kind)
+    if not value:
+        raise InvalidArgument(f"structured_output.{kind}", "must not be empty")
+    return domain.StructuredOutput(**{kind: value})
+
+
+# --- responses ----------------------------------------------------------------
+
+_FINISH = {
+    None: pb.FINISH_REASON_UNSPECIFIED,
+    domain.FinishReason.STOP: pb.FINISH_REASON_STOP,
+    domain.FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    domain.FinishReason.ABORT: pb.FINISH_REASON_ABORT,
+}
+
+
+def to_generate_response(delta: domain.Delta) -> pb.GenerateResponse:
+    msg = pb.GenerateResponse(
+        request_id=delta.request_id,
+        text=delta.text,
+        token_ids=delta.token_ids,
+        finish_reason=_FINISH[delta.finish_reason],
+    )
+    if delta.logprobs:
+        msg.logprobs.extend(
+            pb.TokenLogprob(
+                token_id=lp.token_id,
+                token=lp.token,
+                logprob=lp.logprob,
+                rank=lp.rank,
+                top=[pb.TopLogprob(token_id=t.token_id, token=t.token, logprob=t.logprob)
+                     for t in lp.top],
+            )
+            for lp in delta.logprobs
+        )
+    if delta.stop_string is not None:
+        msg.stop_string = delta.stop_string
+    elif delta.stop_token_id is not None:
+        msg.stop_token_id = delta.stop_token_id
+    if delta.usage is not None:
+        msg.usage.CopyFrom(
+            pb.Usage(
+                prompt_tokens=delta.usage.prompt_tokens,
+                completion_tokens=delta.usage.completion_tokens,
+                cached_prompt_tokens=delta.usage.cached_prompt_tokens,
+            )
+        )
+    if delta.timing is not None:
+        msg.timing.CopyFrom(
+            pb.Timing(time_to_first_token=delta.timing.time_to_first_token, total=delta.timing.total)
+        )
+    return msg
+
+
+def merge_deltas(deltas: list[domain.Delta]) -> domain.Delta:
+    """Fold a request's deltas into one: what unary Generate returns."""
+    final = deltas[-1]
+    return domain.Delta(
+        request_id=final.request_id,
+        text="".join(d.text for d in deltas),
+        token_ids=[t for d in deltas for t in d.token_ids],
+        logprobs=[lp for d in deltas for lp in d.logprobs],
+        finish_reason=final.finish_reason,
+        stop_string=final.stop_string,
+        stop_token_id=final.stop_token_id,
+        usage=final.usage,
+        timing=final.timing,
+    )
+
+
+def to_tokenize_response(t: domain.Tokenized) -> pb.TokenizeResponse:
+    return pb.TokenizeResponse(
+        token_ids=t.token_ids,
+        tokens=t.tokens,
+        offsets=[pb.Offset(start=s, end=e) for s, e in t.offsets],
+        text=t.text,
+        max_model_len=t.max_model_len,
+    )

@@ -1,0 +1,159 @@
+"""Domain types shared by the conversion layer and the engine adapter.
+
+Plain frozen dataclasses: no protobuf, no vLLM. The servicer turns protobuf
+into these (see convert.py), the engine adapter turns these into vLLM calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class FinishReason(Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class Chat:
+    turns: tuple[ChatTurn, ...]
+    add_generation_prompt: bool = True
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling settings; None means "the engine's default"."""
+
+    max_tokens: int | None = None
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """Exactly one of the fields is set."""
+
+    json_schema: str | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt: str | None = None
+    prompt_token_ids: tuple[int, ...] | None = None
+    chat: Chat | None = None
+    sampling: Sampling = field(default_factory=Sampling)
+    structured_output: StructuredOutput | None = None
+    # Absolute time.monotonic() after which the request is pointless.
+    deadline: float | None = None
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token_id: int
+    token: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    rank: int
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Timing:
+    time_to_first_token: float
+    total: float
+
+
+@dataclass
+class Delta:
+    """New output since the previous Delta of the same request.
+
+    The last Delta of a request has `finish_reason`, `usage` and `timing`.
+    """
+
+    request_id: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    stop_string: str | None = None
+    stop_token_id: int | None = None
+    usage: Usage | None = None
+    timing: Timing | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    token_ids: tuple[int, ...]
+    tokens: tuple[str, ...]
+    offsets: tuple[tuple[int, int], ...]
+    text: str
+    max_model_len: int
+
+
+@dataclass(frozen=True)
+class KvCacheInfo:
+    block_size: int
+    num_blocks: int
+    memory_bytes: int
+
+    @property
+    def token_capacity(self) -> int:
+        return self.block_size * self.num_blocks
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_name: str
+    model_path: str
+    max_model_len: int
+    dtype: str
+    vocab_size: int
+    engine_version: str
+    kv_cache_dtype: str
+    kv_cache: KvCacheInfo
+    # The model's Hugging Face config.json, for the architecture facts.
+    hf_config: dict[str, object]
+    has_chat_template: bool
+    max_logprobs: int

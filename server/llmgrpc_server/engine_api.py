@@ -1,0 +1,41 @@
+"""The interface the servicer needs from an engine.
+
+`vllm_engine.VllmEngine` implements it on vLLM; tests implement it with a
+small fake. Nothing here imports vLLM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from llmgrpc_server import domain
+from llmgrpc_server.convert import Limits
+
+
+class Engine(Protocol):
+    @property
+    def limits(self) -> Limits: ...
+
+    @property
+    def is_dead(self) -> bool:
+        """True once the engine cannot serve again (the process must restart)."""
+        ...
+
+    def model_info(self) -> domain.ModelInfo: ...
+
+    def generate(self, request: domain.GenerationRequest) -> AsyncIterator[domain.Delta]:
+        """Stream deltas. Cancelling the iteration aborts the engine request."""
+        ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    def tokenize(
+        self, text: str | None, chat: domain.Chat | None, add_special_tokens: bool | None
+    ) -> domain.Tokenized: ...
+
+    def detokenize(self, token_ids: list[int], skip_special_tokens: bool) -> str: ...
+
+    def num_unfinished_requests(self) -> int: ...
+
+    async def shutdown(self) -> None: ...

@@ -1,0 +1,138 @@
+"""One server interceptor for errors and gRPC metrics, on every RPC.
+
+It wraps unary and streaming handlers alike:
+1. counts the call as started;
+2. runs the handler, turning `ServiceError`s into rich statuses and any other
+   exception into INTERNAL with a generic message (the trace goes to the log);
+3. records the final code, the duration and the messages sent, including for
+   calls that the client cancelled or whose deadline expired.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from llmgrpc_server.errors import ServiceError, to_status
+from llmgrpc_server.metrics import GrpcMetrics, ServiceMetrics
+
+log = logging.getLogger(__name__)
+
+_Handler = Callable[..., Any]
+
+
+class _Call:
+    """Bookkeeping for one RPC."""
+
+    def __init__(self, rpc_type: str, full_method: str, grpc_metrics: GrpcMetrics) -> None:
+        _, _, path = full_method.partition("/")
+        self.service, _, self.method = path.partition("/")
+        self.labels = (rpc_type, self.service, self.method)
+        self.metrics = grpc_metrics
+        self.code = grpc.StatusCode.OK
+        self.start = time.perf_counter()
+        grpc_metrics.started.labels(*self.labels).inc()
+        grpc_metrics.msg_received.labels(*self.labels).inc()
+
+    def finish(self) -> None:
+        self.metrics.handled.labels(*self.labels, self.code.name).inc()
+        self.metrics.handling_seconds.labels(*self.labels).observe(
+            time.perf_counter() - self.start
+        )
+
+
+class ServiceInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, grpc_metrics: GrpcMetrics, service_metrics: ServiceMetrics) -> None:
+        self._grpc = grpc_metrics
+        self._service = service_metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        method = details.method
+        codec = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(handler.unary_unary, method), **codec
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._stream(handler.unary_stream, method, "server_stream"), **codec
+            )
+        if handler.stream_stream:
+            # Reflection: count it, but it has no service errors to map.
+            return grpc.stream_stream_rpc_method_handler(
+                self._stream(handler.stream_stream, method, "bidi_stream"), **codec
+            )
+        return handler
+
+    def _unary(self, behavior: _Handler, method: str) -> _Handler:
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            call = _Call("unary", method, self._grpc)
+            try:
+                response = await behavior(request, context)
+                self._grpc.msg_sent.labels(*call.labels).inc()
+                return response
+            except BaseException as e:
+                await self._fail(call, context, e)
+                raise
+            finally:
+                call.finish()
+
+        return unary
+
+    def _stream(self, behavior: _Handler, method: str, rpc_type: str) -> _Handler:
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            call = _Call(rpc_type, method, self._grpc)
+            sent = self._grpc.msg_sent.labels(*call.labels)
+            try:
+                async for response in behavior(request, context):
+                    yield response
+                    sent.inc()
+            except BaseException as e:
+                await self._fail(call, context, e)
+                raise
+            finally:
+                call.finish()
+
+        return stream
+
+    async def _fail(self, call: _Call, context: grpc.aio.ServicerContext, e: BaseException) -> None:
+        """Record why the call ended and, for errors, abort it with a status.
+
+        Re-raising is left to the caller: abort_with_status raises AbortError,
+        which grpc turns into the status; cancellation must propagate as is.
+        """
+        if isinstance(e, asyncio.CancelledError | GeneratorExit):
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                call.code = grpc.StatusCode.DEADLINE_EXCEEDED
+                self._service.deadline_exceeded(call.method)
+            else:
+                call.code = grpc.StatusCode.CANCELLED
+                self._service.cancelled(call.method)
+            return
+        if isinstance(e, grpc.aio.AbortError):
+            call.code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[assignment]
+            return
+        if isinstance(e, ServiceError):
+            call.code = e.code
+            if e.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                self._service.deadline_exceeded(call.method)
+        else:
+            call.code = grpc.StatusCode.INTERNAL
+            log.exception("unexpected error in %s/%s", call.service, call.method)
+        await context.abort_with_status(to_status(e))

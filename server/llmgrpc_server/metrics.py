@@ -1,0 +1,124 @@
+"""Prometheus metrics of the service (vLLM registers its own `vllm:*`).
+
+Everything lives in prometheus_client's default registry, which vLLM's stat
+logger also uses, so one `/metrics` endpoint serves engine, gRPC and service
+metrics together. Names follow go-grpc-prometheus for gRPC and `llmgrpc_*`
+for the service's own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640,
+)  # fmt: skip
+
+
+class GrpcMetrics:
+    """go-grpc-prometheus compatible server metrics."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        labels = ["grpc_type", "grpc_service", "grpc_method"]
+        self.started = Counter(
+            "grpc_server_started_total", "RPCs started on the server.", labels, registry=registry
+        )
+        self.handled = Counter(
+            "grpc_server_handled_total",
+            "RPCs completed on the server, regardless of success or failure.",
+            [*labels, "grpc_code"],
+            registry=registry,
+        )
+        self.handling_seconds = Histogram(
+            "grpc_server_handling_seconds",
+            "Time from receiving an RPC to its completion.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.msg_received = Counter(
+            "grpc_server_msg_received_total", "Messages received from clients.", labels,
+            registry=registry,
+        )
+        self.msg_sent = Counter(
+            "grpc_server_msg_sent_total", "Messages sent to clients.", labels, registry=registry
+        )
+
+
+class ServiceMetrics:
+    """The service's own metrics, labelled with the served model's name."""
+
+    def __init__(self, model_name: str, registry: CollectorRegistry = REGISTRY) -> None:
+        self.model_name = model_name
+        m = ["model_name"]
+        self._active_streams = Gauge(
+            "llmgrpc_active_streams", "GenerateStream calls in progress.", m, registry=registry
+        ).labels(model_name)
+        self._cancelled = Counter(
+            "llmgrpc_requests_cancelled_total",
+            "Requests cancelled by the client (the engine request is aborted).",
+            [*m, "grpc_method"],
+            registry=registry,
+        )
+        self._deadline = Counter(
+            "llmgrpc_requests_deadline_exceeded_total",
+            "Requests whose gRPC deadline expired (the engine request is aborted).",
+            [*m, "grpc_method"],
+            registry=registry,
+        )
+        self._streamed = Counter(
+            "llmgrpc_streamed_tokens_total",
+            "Tokens sent in GenerateStream messages, including those of requests "
+            "that were later cancelled or failed.",
+            m,
+            registry=registry,
+        ).labels(model_name)
+        self._generated = Counter(
+            "llmgrpc_generated_tokens_total",
+            "Tokens produced by the engine for this service's requests.",
+            [*m, "grpc_method"],
+            registry=registry,
+        )
+        self._tokenize = Counter(
+            "llmgrpc_tokenize_requests_total", "Tokenize calls.", m, registry=registry
+        ).labels(model_name)
+        self.model_info = Gauge(
+            "llmgrpc_model_info",
+            "Facts about the served model (value 1; the facts are labels).",
+            [
+                "model_name", "architecture", "model_type", "attention_kind", "num_layers",
+                "num_attention_heads", "num_kv_heads", "gqa_group_size", "num_experts",
+                "experts_per_token", "max_model_len", "dtype", "kv_cache_bytes_per_token",
+                "total_parameters", "active_parameters",
+            ],
+            registry=registry,
+        )  # fmt: skip
+
+    @contextmanager
+    def active_stream(self) -> Iterator[None]:
+        self._active_streams.inc()
+        try:
+            yield
+        finally:
+            self._active_streams.dec()
+
+    def tokens_generated(self, method: str, n: int) -> None:
+        if n:
+            self._generated.labels(self.model_name, method).inc(n)
+            if method == "GenerateStream":
+                self._streamed.inc(n)
+
+    def tokenize_called(self) -> None:
+        self._tokenize.inc()
+
+    def cancelled(self, method: str) -> None:
+        self._cancelled.labels(self.model_name, method).inc()
+
+    def deadline_exceeded(self, method: str) -> None:
+        self._deadline.labels(self.model_name, method).inc()
+
+    def set_model_info(self, labels: dict[str, str]) -> None:
+        self.model_info.labels(model_name=self.model_name, **labels).set(1)

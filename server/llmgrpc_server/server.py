@@ -1,0 +1,179 @@
+"""The server's lifecycle: start, load the engine, serve, drain, stop.
+
+1. The gRPC port opens first: health "" is SERVING (the process is up) and
+   "llmgrpc.v1.LLMService" NOT_SERVING while the model loads.
+2. The engine loads; the service turns SERVING.
+3. On SIGTERM/SIGINT the service turns NOT_SERVING at once, the server stops
+   accepting calls (new ones get UNAVAILABLE) and in-flight calls get up to
+   `drain_timeout` seconds to finish; then the engine shuts down; exit 0.
+4. If the engine dies, both health services turn NOT_SERVING, in-flight
+   calls end with UNAVAILABLE and the process exits 1 so it is restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import REGISTRY, CollectorRegistry
+from llmgrpc.v1 import llm_service_pb2_grpc as pb_grpc
+
+from llmgrpc_server import model_facts
+from llmgrpc_server.admission import Admission
+from llmgrpc_server.auth import TokenAuthInterceptor
+from llmgrpc_server.config import ServerConfig
+from llmgrpc_server.engine_api import Engine
+from llmgrpc_server.interceptors import ServiceInterceptor
+from llmgrpc_server.metrics import GrpcMetrics, ServiceMetrics
+from llmgrpc_server.servicer import SERVICE_NAME, LLMServicer
+
+log = logging.getLogger(__name__)
+
+EngineFactory = Callable[[], Awaitable[Engine]]
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+ENGINE_WATCH_INTERVAL = 0.5
+
+
+def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+        # Long unary calls stay alive under client keepalive pings: accept a
+        # ping every 10 s, never count "too many pings" strikes.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+    ]
+
+
+@dataclass
+class RunningServer:
+    """A started server; `port` is the one actually bound (useful with port 0)."""
+
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    servicer: LLMServicer
+    metrics: ServiceMetrics
+
+
+async def start(
+    config: ServerConfig,
+    model_name: str,
+    grpc_metrics: GrpcMetrics,
+    registry: CollectorRegistry = REGISTRY,
+) -> RunningServer:
+    metrics = ServiceMetrics(model_name, registry)
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if config.auth_tokens:
+        interceptors.append(TokenAuthInterceptor(config.auth_tokens))
+    interceptors.append(ServiceInterceptor(grpc_metrics, metrics))
+    server = grpc.aio.server(interceptors=interceptors, options=grpc_options(config))
+    health_servicer = health.aio.HealthServicer()
+    servicer = LLMServicer(Admission(config.max_in_flight), metrics, config.service_version)
+    pb_grpc.add_LLMServiceServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    address = f"{config.host}:{config.port}"
+    credentials = config.server_credentials()
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
+    await server.start()
+    await health_servicer.set("", SERVING)
+    await health_servicer.set(SERVICE_NAME, NOT_SERVING)
+    log.info("gRPC listening on port %d (%s)", port, "TLS" if credentials else "plaintext")
+    return RunningServer(server, port, health_servicer, servicer, metrics)
+
+
+async def serve(
+    config: ServerConfig,
+    model_name: str,
+    engine_factory: EngineFactory,
+    grpc_metrics: GrpcMetrics,
+    stop: asyncio.Event | None = None,
+    on_started: Callable[[RunningServer], None] | None = None,
+    registry: CollectorRegistry = REGISTRY,
+) -> int:
+    """Run until `stop` is set (or a signal arrives); return the exit code."""
+    stop = stop or _stop_on_signals()
+    running = await start(config, model_name, grpc_metrics, registry)
+    if on_started is not None:
+        on_started(running)
+    engine = await _load(engine_factory, stop)
+    if engine is None:  # asked to stop while loading
+        await running.server.stop(grace=0)
+        return 0
+    running.servicer.attach(engine)
+    running.metrics.set_model_info(model_facts.info_metric_labels(engine.model_info()))
+    await running.health.set(SERVICE_NAME, SERVING)
+    log.info("serving %s", model_name)
+
+    died = await _wait_for_stop_or_death(engine, stop)
+    if died:
+        log.error("the engine died; failing in-flight calls and exiting for a restart")
+        await running.health.set(SERVICE_NAME, NOT_SERVING)
+        await running.health.set("", NOT_SERVING)
+        await running.server.stop(grace=2)
+        return 1
+    return await drain(running, engine, config.drain_timeout)
+
+
+async def drain(running: RunningServer, engine: Engine, timeout: float) -> int:
+    log.info("draining: in-flight calls have %.0f s to finish", timeout)
+    await running.health.set(SERVICE_NAME, NOT_SERVING)
+    await running.server.stop(grace=timeout)
+    await engine.shutdown()
+    log.info("stopped")
+    return 0
+
+
+async def _load(factory: EngineFactory, stop: asyncio.Event) -> Engine | None:
+    load = asyncio.ensure_future(factory())
+    stopping = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait({load, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if load in done:
+        stopping.cancel()
+        return load.result()
+    load.cancel()
+    return None
+
+
+async def _wait_for_stop_or_death(engine: Engine, stop: asyncio.Event) -> bool:
+    while not stop.is_set():
+        if engine.is_dead:
+            return True
+        try:
+            await asyncio.wait_for(stop.wait(), ENGINE_WATCH_INTERVAL)
+        except TimeoutError:
+            pass
+    return False
+
+
+def _stop_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+

@@ -1,0 +1,106 @@
+"""The gRPC servicer: decode, call the engine, encode. Nothing else.
+
+Errors raised here or below are turned into statuses by the error
+interceptor; cancellation is the engine adapter's business, so nothing here
+catches CancelledError.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+from llmgrpc.v1 import llm_service_pb2 as pb
+from llmgrpc.v1 import llm_service_pb2_grpc as pb_grpc
+
+from llmgrpc_server import convert, domain, model_facts
+from llmgrpc_server.admission import Admission
+from llmgrpc_server.engine_api import Engine
+from llmgrpc_server.errors import InvalidArgument, Unavailable
+from llmgrpc_server.metrics import ServiceMetrics
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LLMService"].full_name
+
+
+class LLMServicer(pb_grpc.LLMServiceServicer):
+    def __init__(
+        self,
+        admission: Admission,
+        metrics: ServiceMetrics,
+        service_version: str,
+    ) -> None:
+        self._engine: Engine | None = None
+        self._admission = admission
+        self._metrics = metrics
+        self._service_version = service_version
+
+    def attach(self, engine: Engine) -> None:
+        """Start serving with `engine` (the server starts before the engine)."""
+        self._engine = engine
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise Unavailable("the model is still loading; retry shortly")
+        return self._engine
+
+    def _request(
+        self, msg: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> domain.GenerationRequest:
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        return convert.to_generation_request(msg, self.engine.limits, deadline)
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GenerateResponse:
+        req = self._request(request, context)
+        async with self._admission.admit():
+            deltas = [d async for d in self._counted(req, "Generate")]
+        return convert.to_generate_response(convert.merge_deltas(deltas))
+
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        req = self._request(request, context)
+        async with self._admission.admit():
+            with self._metrics.active_stream():
+                async for delta in self._counted(req, "GenerateStream"):
+                    yield convert.to_generate_response(delta)
+
+    async def _counted(self, req: domain.GenerationRequest, method: str) -> AsyncIterator[domain.Delta]:
+        # Tokens count as they leave the engine, so a cancelled or failed
+        # request still reports what it produced.
+        async for delta in self.engine.generate(req):
+            self._metrics.tokens_generated(method, len(delta.token_ids))
+            yield delta
+
+    async def Tokenize(
+        self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TokenizeResponse:
+        self._metrics.tokenize_called()
+        engine = self.engine
+        kind = request.WhichOneof("input")
+        if kind is None:
+            raise InvalidArgument("input", "one of text or chat is required")
+        chat = convert.to_chat(request.chat, engine.limits, "chat") if kind == "chat" else None
+        add_special = (
+            request.add_special_tokens if request.HasField("add_special_tokens") else None
+        )
+        tokenized = engine.tokenize(request.text if kind == "text" else None, chat, add_special)
+        return convert.to_tokenize_response(tokenized)
+
+    async def Detokenize(
+        self, request: pb.DetokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DetokenizeResponse:
+        engine = self.engine
+        ids = list(request.token_ids)
+        convert.check_token_ids("token_ids", ids, engine.limits.vocab_size)
+        skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
+        return pb.DetokenizeResponse(text=engine.detokenize(ids, skip))
+
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetModelInfoResponse:
+        return model_facts.to_model_info_response(self.engine.model_info(), self._service_version)

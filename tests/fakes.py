@@ -1,0 +1,103 @@
+"""A small fake engine behind the same interface as the vLLM adapter."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from llmgrpc_server import domain
+from llmgrpc_server.convert import Limits
+from llmgrpc_server.errors import DeadlineExceeded, PromptTooLong
+
+VOCAB = 128
+
+
+class FakeEngine:
+    """Echoes: token i of the output is the i-th prompt byte (mod VOCAB)."""
+
+    def __init__(self, step_delay: float = 0.0, max_model_len: int = 64) -> None:
+        self._limits = Limits(vocab_size=VOCAB, max_model_len=max_model_len)
+        self.step_delay = step_delay
+        self.running: set[str] = set()
+        self.aborted: list[str] = []
+        self.fail_with: BaseException | None = None
+        self.dead = False
+
+    @property
+    def limits(self) -> Limits:
+        return self._limits
+
+    @property
+    def is_dead(self) -> bool:
+        return self.dead
+
+    def num_unfinished_requests(self) -> int:
+        return len(self.running)
+
+    def model_info(self) -> domain.ModelInfo:
+        return domain.ModelInfo(
+            model_name="fake", model_path="/fake", max_model_len=self._limits.max_model_len,
+            dtype="bfloat16", vocab_size=VOCAB, engine_version="fake 0",
+            kv_cache_dtype="bfloat16",
+            kv_cache=domain.KvCacheInfo(block_size=16, num_blocks=8, memory_bytes=8 * 16 * 1024),
+            hf_config={
+                "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+                "max_position_embeddings": 64, "vocab_size": VOCAB,
+                "rope_theta": 10000.0,
+            },
+            has_chat_template=True, max_logprobs=20,
+        )  # fmt: skip
+
+    def _ids(self, request: domain.GenerationRequest) -> list[int]:
+        if request.prompt_token_ids is not None:
+            return list(request.prompt_token_ids)
+        if request.chat is not None:
+            text = "".join(f"<{t.role}>{t.content}" for t in request.chat.turns)
+        else:
+            text = request.prompt or ""
+        return [b % VOCAB for b in text.encode()]
+
+    async def generate(self, request: domain.GenerationRequest) -> AsyncIterator[domain.Delta]:
+        if request.deadline is not None and asyncio.get_running_loop().time() < 0:
+            raise DeadlineExceeded("never")
+        ids = self._ids(request)
+        if len(ids) >= self._limits.max_model_len:
+            raise PromptTooLong("prompt", self._limits.max_model_len - 1, len(ids))
+        if self.fail_with is not None:
+            raise self.fail_with
+        n = request.sampling.max_tokens or 16
+        self.running.add(request.request_id)
+        try:
+            for i in range(n):
+                await asyncio.sleep(self.step_delay)
+                token = ids[i % len(ids)]
+                delta = domain.Delta(request.request_id, text=chr(32 + token % 90), token_ids=[token])
+                if i == n - 1:
+                    delta.finish_reason = domain.FinishReason.LENGTH
+                    delta.usage = domain.Usage(len(ids), n)
+                    delta.timing = domain.Timing(0.0, 0.0)
+                yield delta
+        except (asyncio.CancelledError, GeneratorExit):
+            self.aborted.append(request.request_id)
+            raise
+        finally:
+            self.running.discard(request.request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+    def tokenize(self, text, chat, add_special_tokens):  # type: ignore[no-untyped-def]
+        text = text or ""
+        ids = tuple(b % VOCAB for b in text.encode())
+        return domain.Tokenized(
+            token_ids=ids, tokens=tuple(text), offsets=tuple((i, i + 1) for i in range(len(text))),
+            text=text, max_model_len=self._limits.max_model_len,
+        )  # fmt: skip
+
+    def detokenize(self, token_ids: list[int], skip_special_tokens: bool) -> str:
+        return "".join(chr(32 + t % 90) for t in token_ids)
+
+    async def shutdown(self) -> None:
+        pass

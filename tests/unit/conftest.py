@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+from llmgrpc import AsyncClient
+from prometheus_client import CollectorRegistry
+
+from llmgrpc_server import server
+from llmgrpc_server.config import ServerConfig
+from llmgrpc_server.metrics import GrpcMetrics
+from tests.fakes import FakeEngine
+
+
+@dataclass
+class FakeServer:
+    running: server.RunningServer
+    engine: FakeEngine
+    registry: CollectorRegistry
+    target: str
+
+    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
+        value = self.registry.get_sample_value(name, labels or {})
+        return 0.0 if value is None else value
+
+
+async def start_fake(config: ServerConfig | None = None, attach: bool = True,
+                     engine: FakeEngine | None = None) -> FakeServer:  # fmt: skip
+    registry = CollectorRegistry()
+    config = config or ServerConfig(host="127.0.0.1", port=0, metrics_port=0)
+    running = await server.start(config, "fake", GrpcMetrics(registry), registry)
+    engine = engine or FakeEngine()
+    if attach:
+        running.servicer.attach(engine)
+        await running.health.set("llmgrpc.v1.LLMService", server.SERVING)
+    return FakeServer(running, engine, registry, f"127.0.0.1:{running.port}")
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeServer]:
+    srv = await start_fake()
+    yield srv
+    await srv.running.server.stop(grace=0)
+
+
+@pytest.fixture
+async def client(fake: FakeServer) -> AsyncIterator[AsyncClient]:
+    async with AsyncClient(fake.target) as c:
+        yield c
