@@ -64,9 +64,23 @@ DEFAULT_VARIABLES: Mapping[str, str] = {"model_name": ".*", "pod": ".*"}
 
 _HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 _KEYWORDS = frozenset(
-    {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or",
-     "unless", "offset", "atan2", "inf", "nan"}
-)  # fmt: skip
+    {
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+        "bool",
+        "and",
+        "or",
+        "unless",
+        "offset",
+        "atan2",
+        "inf",
+        "nan",
+    }
+)
 _COMPARISONS = ("==", "!=", ">=", "<=", ">", "<")
 _NUMBER = re.compile(r"^(?:bool\s+)?[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?$")
 
@@ -75,8 +89,13 @@ def substitute(
     expr: str, *, rate_interval: str = "1m", variables: Mapping[str, str] | None = None
 ) -> str:
     """`expr` with Grafana's variables replaced, so Prometheus itself can run it."""
-    values = {"__rate_interval": rate_interval, "__interval": rate_interval,
-              "__range": rate_interval, **DEFAULT_VARIABLES, **(variables or {})}  # fmt: skip
+    values = {
+        "__rate_interval": rate_interval,
+        "__interval": rate_interval,
+        "__range": rate_interval,
+        **DEFAULT_VARIABLES,
+        **(variables or {}),
+    }
 
     def value(match: re.Match[str]) -> str:
         name = match.group(1) or match.group(2)
@@ -140,12 +159,14 @@ def dashboard_queries(
     """(panel title, expr) for every target of every panel, variables substituted."""
     dashboard = json.loads(Path(path).read_text())
     return [
-        (panel["title"], substitute(target["expr"], rate_interval=rate_interval,
-                                    variables=variables))
+        (
+            panel["title"],
+            substitute(target["expr"], rate_interval=rate_interval, variables=variables),
+        )
         for panel in iter_panels(dashboard)
         for target in panel.get("targets", [])
         if target.get("expr")
-    ]  # fmt: skip
+    ]
 
 
 def alert_queries(path: Path | str = ALERTS) -> list[tuple[str, str]]:
