@@ -63,7 +63,7 @@ class ServerProcess:
         while time.monotonic() < deadline:
             text = self.log()
             grpc_port, metrics_port = _GRPC_PORT.search(text), _METRICS_PORT.search(text)
-            if grpc_port and (metrics_port or "--metrics-port" in self.args):
+            if grpc_port and (metrics_port or "-1" in self.args):
                 self.port = int(grpc_port.group(1))
                 self.metrics_port = int(metrics_port.group(1)) if metrics_port else 0
                 return

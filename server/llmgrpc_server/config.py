@@ -29,7 +29,7 @@ def service_version() -> str:
 class ServerConfig:
     host: str = "[::]"
     port: int = DEFAULT_PORT
-    # 0 disables the /metrics endpoint.
+    # 0 picks a free port (logged); -1 disables the /metrics endpoint.
     metrics_port: int = DEFAULT_METRICS_PORT
     drain_timeout: float = 30.0
     max_in_flight: int = 256
@@ -70,7 +70,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--port", type=int, default=DEFAULT_PORT, help="gRPC port (0: any free port)")
     g.add_argument(
         "--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
-        help="HTTP port of /metrics (0 disables)",
+        help="HTTP port of /metrics (0: any free port, -1: disabled)",
     )  # fmt: skip
     g.add_argument(
         "--drain-timeout", type=float, default=30.0,

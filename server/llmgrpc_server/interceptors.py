@@ -11,6 +11,7 @@ It wraps unary and streaming handlers alike:
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -79,9 +80,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             )
         return handler
 
-    def _unary(self, behavior: _Handler, method: str) -> _Handler:
+    def _unary(self, behavior: _Handler, method: str, rpc_type: str = "unary") -> _Handler:
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            call = _Call("unary", method, self._grpc)
+            call = _Call(rpc_type, method, self._grpc)
             try:
                 response = await behavior(request, context)
                 self._grpc.msg_sent.labels(*call.labels).inc()
@@ -95,6 +96,10 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         return unary
 
     def _stream(self, behavior: _Handler, method: str, rpc_type: str) -> _Handler:
+        if not inspect.isasyncgenfunction(behavior):
+            # A handler that writes with context.write() (e.g. health Watch).
+            return self._unary(behavior, method, rpc_type)
+
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             call = _Call(rpc_type, method, self._grpc)
             sent = self._grpc.msg_sent.labels(*call.labels)

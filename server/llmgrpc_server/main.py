@@ -59,7 +59,7 @@ async def run(config: server_config.ServerConfig, engine_args: Any) -> int:
         import uvloop  # noqa: F401  (installed by the server extra)
     except ImportError:
         pass
-    if config.metrics_port:
+    if config.metrics_port >= 0:
         from prometheus_client import disable_created_metrics, start_http_server
 
         # `_created` series double the scrape size and no dashboard reads them.

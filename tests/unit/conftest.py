@@ -28,7 +28,7 @@ class FakeServer:
 async def start_fake(config: ServerConfig | None = None, attach: bool = True,
                      engine: FakeEngine | None = None) -> FakeServer:  # fmt: skip
     registry = CollectorRegistry()
-    config = config or ServerConfig(host="127.0.0.1", port=0, metrics_port=0)
+    config = config or ServerConfig(host="127.0.0.1", port=0, metrics_port=-1)
     running = await server.start(config, "fake", GrpcMetrics(registry), registry)
     engine = engine or FakeEngine()
     if attach:

@@ -134,7 +134,7 @@ async def test_deadline_aborts_and_is_counted(fake: FakeServer) -> None:
 
 
 async def test_admission_control_rejects_with_retry_info() -> None:
-    srv = await start_fake(ServerConfig(host="127.0.0.1", port=0, metrics_port=0, max_in_flight=2))
+    srv = await start_fake(ServerConfig(host="127.0.0.1", port=0, metrics_port=-1, max_in_flight=2))
     srv.engine.step_delay = 0.05
     try:
         async with AsyncClient(srv.target) as c:
