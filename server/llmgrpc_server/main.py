@@ -40,6 +40,7 @@ def parse(argv: list[str] | None) -> tuple[server_config.ServerConfig, Any]:
             ns.served_model_name = [name]
         if ns.kv_cache_memory_bytes is None:
             ns.kv_cache_memory_bytes = EMBEDDED_KV_CACHE_BYTES
+        vllm_engine.prefer_compact_json(ns)
     return config, vllm_engine.engine_args_from_cli(ns)
 
 

@@ -3,9 +3,10 @@
 1. The gRPC port opens first: health "" is SERVING (the process is up) and
    "llmgrpc.v1.LLMService" NOT_SERVING while the model loads.
 2. The engine loads; the service turns SERVING.
-3. On SIGTERM/SIGINT the service turns NOT_SERVING at once, the server stops
-   accepting calls (new ones get UNAVAILABLE) and in-flight calls get up to
-   `drain_timeout` seconds to finish; then the engine shuts down; exit 0.
+3. On SIGTERM/SIGINT the service turns NOT_SERVING at once and new
+   generation calls get UNAVAILABLE, while health checks keep answering; calls
+   in flight get up to `drain_timeout` seconds to finish; then the server
+   stops, the engine shuts down, and the process exits 0.
 4. If the engine dies, both health services turn NOT_SERVING, in-flight
    calls end with UNAVAILABLE and the process exits 1 so it is restarted.
 """
@@ -140,7 +141,13 @@ async def serve(
 async def drain(running: RunningServer, engine: Engine, timeout: float) -> int:
     log.info("draining: in-flight calls have %.0f s to finish", timeout)
     await running.health.set(SERVICE_NAME, NOT_SERVING)
-    await running.server.stop(grace=timeout)
+    admission = running.servicer.admission
+    admission.drain()
+    if not await admission.wait_idle(timeout):
+        log.warning("drain timeout: cancelling %d calls still in flight", admission.in_flight)
+    # Short grace for responses already on their way (health Watch streams
+    # and the like are cancelled).
+    await running.server.stop(grace=1.0)
     await engine.shutdown()
     log.info("stopped")
     return 0

@@ -35,6 +35,10 @@ class LLMServicer(pb_grpc.LLMServiceServicer):
         self._metrics = metrics
         self._service_version = service_version
 
+    @property
+    def admission(self) -> Admission:
+        return self._admission
+
     def attach(self, engine: Engine) -> None:
         """Start serving with `engine` (the server starts before the engine)."""
         self._engine = engine

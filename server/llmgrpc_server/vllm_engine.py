@@ -19,6 +19,7 @@ from typing import Any
 import vllm
 from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.exceptions import VLLMClientError
 from vllm.inputs import TokensPrompt
 from vllm.outputs import RequestOutput
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
@@ -54,6 +55,21 @@ def add_engine_cli_args(parser: argparse.ArgumentParser) -> None:
 
 def engine_args_from_cli(ns: argparse.Namespace) -> AsyncEngineArgs:
     return AsyncEngineArgs.from_cli_args(ns)
+
+
+def prefer_compact_json(ns: argparse.Namespace) -> None:
+    """Structured JSON without free whitespace, unless the user configured it.
+
+    A weak model (like the embedded random-weight ones) may otherwise emit
+    whitespace until max_tokens; vLLM applies this only with an explicit
+    xgrammar (or guidance) backend.
+    """
+    from vllm.config.structured_outputs import StructuredOutputsConfig
+
+    if ns.structured_outputs_config == StructuredOutputsConfig():
+        ns.structured_outputs_config = StructuredOutputsConfig(
+            backend="xgrammar", disable_any_whitespace=True
+        )
 
 
 def make_parser(**kwargs: Any) -> argparse.ArgumentParser:
@@ -131,8 +147,8 @@ class VllmEngine:
             raise
         except EngineDeadError as e:
             raise Unavailable("the engine has stopped; retry on another replica") from e
-        except ValueError as e:
-            # vLLM rejects what it cannot serve (e.g. a grammar it cannot compile).
+        except (ValueError, VLLMClientError) as e:
+            # vLLM rejects what it cannot serve (e.g. a regex it cannot compile).
             raise InvalidArgument("request", str(e)) from e
         finally:
             self._in_flight.discard(request_id)
@@ -308,7 +324,11 @@ def _structured(spec: domain.StructuredOutput | None) -> StructuredOutputsParams
     if spec is None:
         return None
     if spec.json_schema is not None:
-        return StructuredOutputsParams(json=json.loads(spec.json_schema))
+        # Compact JSON: free whitespace lets a weak model pad forever and costs
+        # tokens; the output still validates against the schema.
+        return StructuredOutputsParams(
+            json=json.loads(spec.json_schema), disable_any_whitespace=True
+        )
     if spec.choice is not None:
         return StructuredOutputsParams(choice=list(spec.choice))
     return StructuredOutputsParams(regex=spec.regex, grammar=spec.grammar)

@@ -10,7 +10,7 @@ import pytest
 from llmgrpc import Client
 from llmgrpc.v1 import llm_service_pb2 as pb
 
-from tests.metrics_scrape import value
+from tests.metrics_scrape import scrape, value
 from tests.server_process import ServerProcess, cleanup_logs, launch
 
 
@@ -23,22 +23,56 @@ def _poll(predicate, timeout: float = 30.0) -> bool:  # type: ignore[no-untyped-
     return predicate()
 
 
-def test_cancel_aborts_request_and_frees_kv_cache(llama: ServerProcess) -> None:
+def test_kv_cache_rises_in_flight_and_cancel_frees_it(llama: ServerProcess) -> None:
     url = llama.metrics_url
+    generated_before = value(url, "vllm:generation_tokens_total")
     with Client(llama.target) as client:
-        streams = [client.stream("Tell me a long story", max_tokens=1500, ignore_eos=True)
-                   for _ in range(4)]  # fmt: skip
+        streams = [client.stream("Tell me a long story", max_tokens=2000, ignore_eos=True)
+                   for _ in range(8)]  # fmt: skip
         for s in streams:
             next(s)
-        assert _poll(lambda: value(url, "vllm:num_requests_running") == 4, 20)
-        assert _poll(lambda: value(url, "vllm:kv_cache_usage_perc") > 0, 20)
+        # Eight long generations hold KV blocks while they run ...
+        def holding() -> bool:
+            sample = scrape(url)
+            running = sum(v for (n, _), v in sample.items() if n == "vllm:num_requests_running")
+            kv = sum(v for (n, _), v in sample.items() if n == "vllm:kv_cache_usage_perc")
+            return running >= 4 and kv > 0
+
+        assert _poll(holding, 20)
         for s in streams:
             s.close()  # cancels the call
+        # ... and cancelling them aborts them in the engine, long before they
+        # could have finished, and frees every block.
         assert _poll(lambda: value(url, "vllm:num_requests_running") == 0)
         assert _poll(lambda: value(url, "vllm:kv_cache_usage_perc") == 0)
-        assert value(url, "llmgrpc_requests_cancelled_total") >= 4
+        generated = value(url, "vllm:generation_tokens_total") - generated_before
+        assert generated < 8 * 2000 / 2, f"{generated} tokens: the requests ran to completion"
+        assert value(url, "llmgrpc_requests_cancelled_total") >= 8
         assert value(url, "grpc_server_handled_total", grpc_method="GenerateStream",
-                     grpc_code="CANCELLED") >= 4  # fmt: skip
+                     grpc_code="CANCELLED") >= 8  # fmt: skip
+        # The server serves normally afterwards.
+        assert client.generate("ok", max_tokens=3).usage.completion_tokens == 3
+
+
+def test_kv_cache_falls_to_zero_after_generations_finish(llama: ServerProcess) -> None:
+    url = llama.metrics_url
+    with Client(llama.target) as client:
+        seen: list[float] = []
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.is_set():
+                seen.append(value(url, "vllm:kv_cache_usage_perc"))
+                time.sleep(0.1)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        results = [client.generate("Long one", max_tokens=1500, ignore_eos=True) for _ in range(2)]
+        done.set()
+        watcher.join()
+        assert all(r.usage.completion_tokens == 1500 for r in results)
+        assert max(seen) > 0
+        assert _poll(lambda: value(url, "vllm:kv_cache_usage_perc") == 0)
 
 
 def test_deadline_aborts_the_request(llama: ServerProcess) -> None:
@@ -83,14 +117,14 @@ def test_sigterm_drains_in_flight_streams_then_exits_zero() -> None:
             server.signal()
             assert _poll(lambda: client.health() == "NOT_SERVING", 5)
             assert client.health("") == "SERVING"  # liveness keeps passing while draining
+            with pytest.raises(grpc.RpcError) as e:
+                client.generate("too late", max_tokens=1, timeout=5)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "shutting down" in e.value.details()
             t.join(timeout=90)
             assert done.is_set()
             assert received[-1].finish_reason == pb.FINISH_REASON_LENGTH
             assert sum(len(d.token_ids) for d in received) == 300
-        # New connections are refused once the server stops accepting.
-        with Client(server.target) as late, pytest.raises(grpc.RpcError) as e:
-            late.generate("too late", max_tokens=1, timeout=5)
-        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
         assert server.wait_exit(timeout=120) == 0
     finally:
         server.stop()
