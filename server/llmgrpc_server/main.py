@@ -56,22 +56,19 @@ async def run(config: server_config.ServerConfig, engine_args: Any) -> int:
     from llmgrpc_server.metrics import GrpcMetrics
     from llmgrpc_server.vllm_engine import VllmEngine
 
-    try:
-        import uvloop  # noqa: F401  (installed by the server extra)
-    except ImportError:
-        pass
     if config.metrics_port >= 0:
-        from prometheus_client import disable_created_metrics, start_http_server
+        from prometheus_client import disable_created_metrics
+
+        from llmgrpc_server.metrics_http import start_metrics_server
 
         # `_created` series double the scrape size and no dashboard reads them.
         disable_created_metrics()
-
-        http, _ = start_http_server(config.metrics_port, addr=config.host.strip("[]") or "::")
+        http = start_metrics_server(config.metrics_port, config.host.strip("[]") or "::")
         log.info("metrics listening on port %d (/metrics)", http.server_port)
     return await server.serve(
         config,
         served_name(engine_args),
-        lambda: VllmEngine.start(engine_args),
+        lambda: VllmEngine.start(engine_args, config.max_prompt_tokens, config.max_tokens_limit),
         GrpcMetrics(),
     )
 
