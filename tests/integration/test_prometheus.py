@@ -1,0 +1,116 @@
+"""A real Prometheus scrapes a real server; every dashboard and alert query returns data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from llmgrpc import Client
+
+from tests import promql
+from tests.server_process import ServerProcess
+
+PROMETHEUS = shutil.which("prometheus")
+RATE_WINDOW = "30s"
+
+
+def _free_port() -> int:
+    # Prometheus cannot report a port it picked itself; a tiny race is accepted here.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def prometheus(llama: ServerProcess) -> Iterator[str]:
+    assert PROMETHEUS, "prometheus is missing: apt-get install prometheus (make install does it)"
+    workdir = Path(tempfile.mkdtemp(prefix="llmgrpc-prom-"))
+    config = workdir / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        "scrape_configs:\n  - job_name: llmgrpc\n    static_configs:\n"
+        f"      - targets: ['127.0.0.1:{llama.metrics_port}']\n"
+    )
+    port = _free_port()
+    proc = subprocess.Popen(
+        [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+        stdout=subprocess.DEVNULL, stderr=(workdir / "prometheus.log").open("wb"),
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"{url}/-/ready", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None, (workdir / "prometheus.log").read_text()
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _query(url: str, expr: str) -> list[dict]:
+    q = urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(f"{url}/api/v1/query?{q}", timeout=10) as resp:
+        body = json.load(resp)
+    assert body["status"] == "success", body
+    return list(body["data"]["result"])
+
+
+def _drive_load(target: str, seconds: float) -> None:
+    """Mixed traffic: unary, streams, cancelled, bad input, deadline exceeded, tokenize."""
+    deadline = time.monotonic() + seconds
+    with Client(target, timeout=60) as client:
+        while time.monotonic() < deadline:
+            client.generate("The metrics test", max_tokens=24, temperature=0.0)
+            for _ in client.stream("A shared prefix for the prefix cache", max_tokens=24):
+                pass
+            stream = client.stream("Cancelled early", max_tokens=500, ignore_eos=True)
+            next(stream)
+            stream.close()
+            client.tokenize("count me")
+            for bad in ({"max_tokens": 1, "prompt": ""},  # INVALID_ARGUMENT
+                        {"max_tokens": 1500, "prompt": "slow", "ignore_eos": True,
+                         "timeout": 0.2}):  # DEADLINE_EXCEEDED  # fmt: skip
+                try:
+                    client.generate(**bad)
+                except grpc.RpcError:
+                    pass
+
+
+def test_every_dashboard_and_alert_query_returns_data(
+    llama: ServerProcess, prometheus: str
+) -> None:
+    # Several parallel clients for ~25 s: rate() windows need samples on both sides.
+    workers = [threading.Thread(target=_drive_load, args=(llama.target, 25)) for _ in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    queries = [("panel " + t, e) for t, e in promql.dashboard_queries(rate_interval=RATE_WINDOW)]
+    queries += [("alert " + n, e) for n, e in promql.alert_signals()]
+    assert len(queries) > 40
+    empty: list[str] = []
+    deadline = time.monotonic() + 45
+    while True:
+        empty = [f"{name}: {expr}" for name, expr in queries if not _query(prometheus, expr)]
+        if not empty or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert not empty, "queries without data:\n" + "\n".join(empty)
