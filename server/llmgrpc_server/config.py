@@ -16,6 +16,8 @@ import grpc
 
 DEFAULT_PORT = 50051
 DEFAULT_METRICS_PORT = 9400
+# Below this even a short request with its metadata may not fit.
+MIN_MESSAGE_BYTES = 4096
 
 
 def service_version() -> str:
@@ -35,6 +37,9 @@ class ServerConfig:
     max_in_flight: int = 256
     max_message_bytes: int = 16 * 1024 * 1024
     max_concurrent_streams: int = 1024
+    # None: the model's context is the only bound.
+    max_prompt_tokens: int | None = None
+    max_tokens_limit: int | None = None
     models_dir: Path = field(default_factory=lambda: Path.home() / ".cache/llmgrpc/models")
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -49,6 +54,14 @@ class ServerConfig:
             raise ValueError("--drain-timeout must be >= 0")
         if self.max_in_flight < 1:
             raise ValueError("--max-in-flight must be >= 1")
+        if self.max_message_bytes < MIN_MESSAGE_BYTES:
+            raise ValueError(f"--max-message-bytes must be >= {MIN_MESSAGE_BYTES}")
+        if self.max_concurrent_streams < 1:
+            raise ValueError("--max-concurrent-streams must be >= 1")
+        for flag, value in (("--max-prompt-tokens", self.max_prompt_tokens),
+                            ("--max-tokens-limit", self.max_tokens_limit)):  # fmt: skip
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
@@ -80,9 +93,22 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         "--max-in-flight", type=int, default=256,
         help="generation requests in flight before RESOURCE_EXHAUSTED",
     )  # fmt: skip
-    g.add_argument("--max-message-bytes", type=int, default=16 * 1024 * 1024)
-    g.add_argument("--max-concurrent-streams", type=int, default=1024,
-                   help="HTTP/2 streams per connection")  # fmt: skip
+    g.add_argument(
+        "--max-message-bytes", type=int, default=16 * 1024 * 1024,
+        help="largest request or response message; larger: RESOURCE_EXHAUSTED",
+    )  # fmt: skip
+    g.add_argument(
+        "--max-concurrent-streams", type=int, default=1024,
+        help="HTTP/2 streams per connection; the client queues calls beyond it",
+    )  # fmt: skip
+    g.add_argument(
+        "--max-prompt-tokens", type=int, default=None,
+        help="longest prompt in tokens (default: the model's context - 1)",
+    )  # fmt: skip
+    g.add_argument(
+        "--max-tokens-limit", type=int, default=None,
+        help="largest sampling.max_tokens a request may ask (default: the model's context)",
+    )  # fmt: skip
     g.add_argument(
         "--models-dir", type=Path,
         default=Path(os.environ.get("LLMGRPC_MODELS_DIR", Path.home() / ".cache/llmgrpc/models")),
@@ -106,6 +132,8 @@ def from_namespace(ns: argparse.Namespace) -> ServerConfig:
         max_in_flight=ns.max_in_flight,
         max_message_bytes=ns.max_message_bytes,
         max_concurrent_streams=ns.max_concurrent_streams,
+        max_prompt_tokens=ns.max_prompt_tokens,
+        max_tokens_limit=ns.max_tokens_limit,
         models_dir=ns.models_dir,
         tls_cert=ns.tls_cert,
         tls_key=ns.tls_key,

@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import math
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from llmgrpc.v1 import llm_service_pb2 as pb
 
 from llmgrpc_server import domain
-from llmgrpc_server.errors import FailedPrecondition, InvalidArgument
+from llmgrpc_server.errors import FailedPrecondition, InvalidArgument, PromptTooLong
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,41 @@ class Limits:
     max_stop_strings: int = 16
     max_request_id_len: int = 256
     has_chat_template: bool = True
+    # The operator's caps (--max-prompt-tokens, --max-tokens-limit); None: the
+    # model's context is the only bound.
+    max_prompt_tokens_cap: int | None = None
+    max_tokens_cap: int | None = None
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        # At least one token of the context must be left to generate.
+        return _smaller(self.max_model_len - 1, self.max_prompt_tokens_cap)
+
+    @property
+    def max_tokens(self) -> int:
+        return _smaller(self.max_model_len, self.max_tokens_cap)
+
+    def capped(self, max_prompt_tokens: int | None, max_tokens: int | None) -> Limits:
+        """These limits with the operator's caps (None leaves a cap unset)."""
+        return replace(self, max_prompt_tokens_cap=max_prompt_tokens, max_tokens_cap=max_tokens)
+
+
+def _smaller(model_limit: int, cap: int | None) -> int:
+    return model_limit if cap is None else min(model_limit, cap)
+
+
+def check_prompt_length(field: str, num_tokens: int, limits: Limits) -> None:
+    """PromptTooLong (with the limit and the actual length) past the prompt limit."""
+    if num_tokens > limits.max_prompt_tokens:
+        limit = limits.max_prompt_tokens
+        raise PromptTooLong(field, limit, num_tokens, by=_prompt_limit_source(limits))
+
+
+def _prompt_limit_source(limits: Limits) -> str:
+    capped = limits.max_prompt_tokens_cap is not None and (
+        limits.max_prompt_tokens_cap < limits.max_model_len - 1
+    )
+    return "the server's --max-prompt-tokens" if capped else "the model's limit"
 
 
 # --- requests -----------------------------------------------------------------
@@ -69,6 +104,7 @@ def _input(
         ids = tuple(msg.prompt_token_ids.ids)
         if not ids:
             raise InvalidArgument("prompt_token_ids.ids", "must not be empty")
+        check_prompt_length("prompt_token_ids", len(ids), limits)
         check_token_ids("prompt_token_ids.ids", ids, limits.vocab_size)
         return None, ids, None
     return None, None, to_chat(msg.chat, limits, "chat")
@@ -113,10 +149,14 @@ def to_sampling(msg: pb.SamplingParams, limits: Limits) -> domain.Sampling:  # n
     if msg.HasField("max_tokens"):
         if msg.max_tokens < 1:
             raise InvalidArgument("sampling.max_tokens", "must be >= 1")
-        if msg.max_tokens > limits.max_model_len:
+        if msg.max_tokens > limits.max_tokens:
+            source = (
+                "the model's limit" if limits.max_tokens == limits.max_model_len
+                else "the server's --max-tokens-limit"
+            )  # fmt: skip
             raise InvalidArgument(
                 "sampling.max_tokens",
-                f"{msg.max_tokens} exceeds the model's limit of {limits.max_model_len} tokens",
+                f"{msg.max_tokens} exceeds {source} of {limits.max_tokens} tokens",
             )
         kw["max_tokens"] = msg.max_tokens
     if msg.HasField("min_tokens"):

@@ -62,8 +62,11 @@ class InvalidArgument(ServiceError):
 class PromptTooLong(InvalidArgument):
     """The prompt (plus max_tokens) does not fit in the model's context."""
 
-    def __init__(self, field: str, limit: int, actual: int, what: str = "prompt tokens") -> None:
-        super().__init__(field, f"{actual} {what} exceed the model's limit of {limit}")
+    def __init__(
+        self, field: str, limit: int, actual: int, what: str = "prompt tokens",
+        by: str = "the model's limit",
+    ) -> None:  # fmt: skip
+        super().__init__(field, f"{actual} {what} exceed {by} of {limit}")
         self.limit = limit
         self.actual = actual
 

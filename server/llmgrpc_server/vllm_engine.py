@@ -27,7 +27,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from llmgrpc_server import domain
-from llmgrpc_server.convert import Limits
+from llmgrpc_server.convert import Limits, check_prompt_length
 from llmgrpc_server.errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -81,7 +81,10 @@ def make_parser(**kwargs: Any) -> argparse.ArgumentParser:
 class VllmEngine:
     """AsyncLLM behind the `engine_api.Engine` interface."""
 
-    def __init__(self, llm: AsyncLLM, model_path: str) -> None:
+    def __init__(
+        self, llm: AsyncLLM, model_path: str,
+        max_prompt_tokens: int | None = None, max_tokens: int | None = None,
+    ) -> None:  # fmt: skip
         self._llm = llm
         self._model_path = model_path
         self._tokenizer = llm.get_tokenizer()
@@ -92,16 +95,21 @@ class VllmEngine:
             max_model_len=config.max_model_len,
             max_logprobs=config.max_logprobs,
             has_chat_template=bool(getattr(self._tokenizer, "chat_template", None)),
-        )
+        ).capped(max_prompt_tokens, max_tokens)
 
     @classmethod
-    async def start(cls, args: AsyncEngineArgs) -> VllmEngine:
+    async def start(
+        cls, args: AsyncEngineArgs,
+        max_prompt_tokens: int | None = None, max_tokens: int | None = None,
+    ) -> VllmEngine:  # fmt: skip
+        """Build the engine; the caps are the operator's (--max-prompt-tokens,
+        --max-tokens-limit) on top of the model's context."""
         if not vllm.__version__.startswith(SUPPORTED_VLLM):
             log.warning("vLLM %s is untested; supported: %s", vllm.__version__, SUPPORTED_VLLM)
         # Building the engine blocks for tens of seconds (weights, KV cache,
         # warm-up): keep the event loop free so health checks answer meanwhile.
         llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
-        return cls(llm, str(args.model))
+        return cls(llm, str(args.model), max_prompt_tokens, max_tokens)
 
     # --- Engine interface ---------------------------------------------------
 
@@ -223,17 +231,14 @@ class VllmEngine:
             ids, field = list(self._tokenizer.encode(text, add_special_tokens=False)), "chat"
         else:
             ids, field = list(self._tokenizer.encode(request.prompt)), "prompt"
-        limit = self._limits.max_model_len
-        if len(ids) >= limit:
-            # At least one token must be left to generate.
-            raise PromptTooLong(field, limit=limit - 1, actual=len(ids))
+        check_prompt_length(field, len(ids), self._limits)
         return ids
 
     def _sampling_params(self, request: domain.GenerationRequest, prompt_len: int) -> SamplingParams:
         s = request.sampling
         room = self._limits.max_model_len - prompt_len
         if s.max_tokens is None:
-            max_tokens = min(DEFAULT_MAX_TOKENS, room)
+            max_tokens = min(DEFAULT_MAX_TOKENS, room, self._limits.max_tokens)
         elif s.max_tokens > room:
             raise PromptTooLong(
                 "sampling.max_tokens",

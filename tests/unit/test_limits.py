@@ -1,0 +1,258 @@
+"""Operator limits: message size, prompt tokens, max_tokens, streams per connection.
+
+Each is a flag on `llmgrpc-server`, lands in `ServerConfig`, and is enforced
+with a status whose message names the limit. The text-prompt length check
+needs a tokenizer, so here it runs in a fake engine through the same helper
+(`convert.check_prompt_length`) the vLLM adapter uses; the real adapter is
+covered by tests/integration/test_security.py, whose server runs with these
+flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from llmgrpc import AsyncClient
+from llmgrpc_server import config as server_config
+from llmgrpc_server import domain
+from llmgrpc_server.config import ServerConfig
+from llmgrpc_server.convert import Limits, check_prompt_length
+
+from tests.fakes import FakeEngine
+from tests.unit.conftest import FakeServer, start_fake
+
+
+class CappedFakeEngine(FakeEngine):
+    """The fake engine with the operator's caps, wired like `VllmEngine.start`."""
+
+    def __init__(self, config: ServerConfig, step_delay: float = 0.0) -> None:
+        super().__init__(step_delay=step_delay)
+        self._limits = self._limits.capped(config.max_prompt_tokens, config.max_tokens_limit)
+
+    async def generate(self, request: domain.GenerationRequest) -> AsyncIterator[domain.Delta]:
+        check_prompt_length("prompt", len(self._ids(request)), self._limits)
+        async for delta in super().generate(request):
+            yield delta
+
+
+def _config(**kw: object) -> ServerConfig:
+    return ServerConfig(host="127.0.0.1", port=0, metrics_port=-1, **kw)  # type: ignore[arg-type]
+
+
+async def _serve(config: ServerConfig, step_delay: float = 0.0) -> FakeServer:
+    return await start_fake(config, engine=CappedFakeEngine(config, step_delay))
+
+
+def _error_info(err: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    assert status is not None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    raise AssertionError("no ErrorInfo detail")
+
+
+@pytest.fixture
+async def capped() -> AsyncIterator[FakeServer]:
+    srv = await _serve(_config(max_prompt_tokens=10, max_tokens_limit=8))
+    yield srv
+    await srv.running.server.stop(grace=0)
+
+
+# --- the flags ------------------------------------------------------------------
+
+
+def test_flags_reach_the_config() -> None:
+    parser = argparse.ArgumentParser()
+    server_config.add_cli_args(parser)
+    ns = parser.parse_args([
+        "--max-prompt-tokens", "100", "--max-tokens-limit", "50",
+        "--max-message-bytes", "65536", "--max-concurrent-streams", "8",
+    ])  # fmt: skip
+    config = server_config.from_namespace(ns)
+    assert (config.max_prompt_tokens, config.max_tokens_limit) == (100, 50)
+    assert (config.max_message_bytes, config.max_concurrent_streams) == (65536, 8)
+    defaults = server_config.from_namespace(parser.parse_args([]))
+    assert defaults.max_prompt_tokens is None and defaults.max_tokens_limit is None
+
+
+@pytest.mark.parametrize(
+    ("kw", "flag"),
+    [
+        ({"max_prompt_tokens": 0}, "--max-prompt-tokens"),
+        ({"max_tokens_limit": -1}, "--max-tokens-limit"),
+        ({"max_message_bytes": 100}, "--max-message-bytes"),
+        ({"max_concurrent_streams": 0}, "--max-concurrent-streams"),
+    ],
+)
+def test_nonsense_limits_are_refused_at_startup(kw: dict[str, int], flag: str) -> None:
+    with pytest.raises(ValueError, match=flag):
+        _config(**kw)
+
+
+def test_caps_never_exceed_the_model() -> None:
+    model = Limits(vocab_size=100, max_model_len=64)
+    assert (model.max_prompt_tokens, model.max_tokens) == (63, 64)
+    assert (model.capped(10, 8).max_prompt_tokens, model.capped(10, 8).max_tokens) == (10, 8)
+    assert (model.capped(1000, 1000).max_prompt_tokens, model.capped(1000, 1000).max_tokens) == (
+        63, 64)  # fmt: skip
+
+
+# --- max_tokens -----------------------------------------------------------------
+
+
+async def test_max_tokens_above_the_limit_is_invalid_argument(capped: FakeServer) -> None:
+    async with AsyncClient(capped.target) as c:
+        assert len((await c.generate("hi", max_tokens=8)).token_ids) == 8
+        for call in (c.generate, _streamed(c)):
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await call("hi", max_tokens=9)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert e.value.details() == (
+                "sampling.max_tokens: 9 exceeds the server's --max-tokens-limit of 8 tokens"
+            )
+
+
+async def test_without_a_cap_max_tokens_is_bounded_by_the_model(fake: FakeServer) -> None:
+    async with AsyncClient(fake.target) as c:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await c.generate("hi", max_tokens=65)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "exceeds the model's limit of 64 tokens" in (e.value.details() or "")
+
+
+# --- prompt tokens ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("as_ids", [False, True])
+async def test_prompt_above_the_limit_names_it_with_limit_and_actual(
+    capped: FakeServer, as_ids: bool
+) -> None:
+    kw = {"prompt_token_ids": [1] * 11} if as_ids else {}
+    prompt = None if as_ids else "x" * 11
+    async with AsyncClient(capped.target) as c:
+        fits = {"prompt_token_ids": [1] * 10} if as_ids else {}
+        assert (await c.generate(None if as_ids else "x" * 10, max_tokens=1, **fits)).token_ids
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await c.generate(prompt, max_tokens=1, **kw)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    field = "prompt_token_ids" if as_ids else "prompt"
+    assert e.value.details() == (
+        f"{field}: 11 prompt tokens exceed the server's --max-prompt-tokens of 10"
+    )
+    info = _error_info(e.value)
+    assert info.reason == "PROMPT_TOO_LONG"
+    assert dict(info.metadata) == {"limit": "10", "actual": "11"}
+
+
+async def test_a_cap_above_the_model_leaves_the_model_limit() -> None:
+    srv = await _serve(_config(max_prompt_tokens=1000, max_tokens_limit=1000))
+    try:
+        async with AsyncClient(srv.target) as c:
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await c.generate(prompt_token_ids=[1] * 64, max_tokens=1)
+        assert e.value.details() == (
+            "prompt_token_ids: 64 prompt tokens exceed the model's limit of 63"
+        )
+        assert _error_info(e.value).metadata["limit"] == "63"
+    finally:
+        await srv.running.server.stop(grace=0)
+
+
+# --- message size -----------------------------------------------------------------
+
+
+async def test_oversized_messages_are_resource_exhausted_both_ways() -> None:
+    srv = await _serve(_config(max_message_bytes=16 * 1024))
+    try:
+        async with AsyncClient(srv.target) as c:
+            # Request too large: gRPC refuses it before any handler runs.
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await c.tokenize("a" * 20_000)
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "Received message larger than max" in (e.value.details() or "")
+            assert "vs. 16384" in (e.value.details() or "")
+            # A request that fits but whose response would not: the response is
+            # refused too (ids, token strings and offsets outgrow the text).
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await c.tokenize("a" * 8_000)
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "Sent message larger than max" in (e.value.details() or "")
+            # The connection and the server are fine afterwards.
+            assert len((await c.tokenize("abc")).token_ids) == 3
+            assert (await c.generate("hi", max_tokens=2)).usage.completion_tokens == 2
+    finally:
+        await srv.running.server.stop(grace=0)
+
+
+# --- concurrent streams per connection --------------------------------------------
+
+
+async def test_streams_beyond_the_per_connection_limit_never_run() -> None:
+    """HTTP/2 MAX_CONCURRENT_STREAMS: the server never runs more calls from
+    one connection than the limit. The client queues the excess; a call that
+    races a closing stream is refused by gRPC core with RST_STREAM
+    REFUSED_STREAM (UNAVAILABLE, never reached a handler, safe to retry).
+    Another connection has its own allowance."""
+    srv = await _serve(_config(max_concurrent_streams=2), step_delay=0.02)
+    peak = 0
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, len(srv.engine.running))
+            await asyncio.sleep(0.005)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        async with AsyncClient(srv.target) as c:
+            assert await c.health("") == "SERVING"  # connected: the client has the SETTINGS
+            results = await asyncio.gather(
+                *[c.generate("hello", max_tokens=10) for _ in range(8)], return_exceptions=True
+            )
+            ok = [r for r in results if not isinstance(r, BaseException)]
+            refused = [r for r in results if isinstance(r, BaseException)]
+            assert peak == 2, f"{peak} requests ran at once on one connection"
+            assert len(ok) >= 2 and all(len(r.token_ids) == 10 for r in ok)
+            for err in refused:
+                assert isinstance(err, grpc.aio.AioRpcError), err
+                assert err.code() == grpc.StatusCode.UNAVAILABLE
+                assert "RST_STREAM" in (err.details() or ""), err.details()
+            # Refused calls never reached the service.
+            assert srv.metric("grpc_server_started_total", _GENERATE) == len(ok)
+
+            # While two slow calls hold the connection, a third with a short
+            # deadline waits in the client and ends DEADLINE_EXCEEDED unstarted.
+            slow = [asyncio.create_task(c.generate("slow", max_tokens=40)) for _ in range(2)]
+            await asyncio.sleep(0.2)
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await c.generate("late", max_tokens=1, timeout=0.3)
+            assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            # A second connection is not held back by the first one's streams.
+            async with AsyncClient(srv.target, options=[("grpc.use_local_subchannel_pool", 1)]
+                                   ) as other:  # fmt: skip
+                assert (await other.generate("other", max_tokens=1, timeout=2)).token_ids
+            assert all(len(r.token_ids) == 40 for r in await asyncio.gather(*slow))
+            assert srv.metric("grpc_server_started_total", _GENERATE) == len(ok) + 2 + 1
+    finally:
+        watcher.cancel()
+        await srv.running.server.stop(grace=0)
+
+
+_GENERATE = {"grpc_type": "unary", "grpc_service": "llmgrpc.v1.LLMService",
+             "grpc_method": "Generate"}  # fmt: skip
+
+
+def _streamed(client: AsyncClient):  # type: ignore[no-untyped-def]
+    async def call(prompt, **kw):  # type: ignore[no-untyped-def]
+        return [d async for d in client.stream(prompt, **kw)]
+
+    return call
