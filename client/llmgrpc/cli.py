@@ -30,11 +30,21 @@ def _connection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--client-cert", type=Path, help="PEM client certificate (mTLS)")
     g.add_argument("--client-key", type=Path, help="PEM client key (mTLS)")
     g.add_argument("--server-name", help="expected TLS server name (SNI override)")
-    g.add_argument("--token-file", type=Path, help="file holding a bearer token")
+    g.add_argument("--token-file", type=Path, help="file holding a bearer token (first line)")
+
+
+def _token(path: Path | None) -> str | None:
+    """The first non-empty line of --token-file, so a server's token file works too."""
+    if path is None:
+        return None
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise SystemExit(f"llmgrpc: --token-file {path} holds no token")
+    return lines[0]
 
 
 def _client(args: argparse.Namespace) -> Client:
-    token = args.token_file.read_text().strip() if args.token_file else None
+    token = _token(args.token_file)
     security = Security(
         ca_cert=args.ca_cert, client_cert=args.client_cert, client_key=args.client_key,
         token=token, tls=args.tls, server_name=args.server_name,
