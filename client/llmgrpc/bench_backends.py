@@ -1,0 +1,315 @@
+"""The servers `llmgrpc bench` can drive, behind one small interface.
+
+- `GrpcBackend`: an llmgrpc server (GenerateStream, or Generate with `stream=False`);
+- `OpenAIBackend`: an OpenAI-compatible HTTP server (vLLM's), streaming `/v1/completions`;
+- `InProcessBackend`: vLLM's `AsyncLLM` in this process, no network at all (the limit
+  a front end can reach). vLLM is imported only when this backend starts, so the
+  client package stays importable without vLLM or torch; aiohttp likewise.
+
+Every backend times requests the same way (`Recorder`): the clock starts just
+before the request is sent, and each message that carries tokens is stamped on
+arrival.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol
+
+import grpc
+
+from llmgrpc.client import AsyncClient, generate_request
+
+
+@dataclass
+class RequestResult:
+    """What one request did, as the client saw it (seconds)."""
+
+    ok: bool
+    error: str | None = None  # a gRPC status name, "HTTP 503", or an exception class
+    ttft: float | None = None
+    e2e: float = 0.0
+    itls: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+    prompt_tokens: int | None = None
+    messages: int = 0
+
+
+class Recorder:
+    """Stamps the messages of one request."""
+
+    __slots__ = ("first", "itls", "last", "messages", "start", "tokens")
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.first: float | None = None
+        self.last = self.start
+        self.itls: list[float] = []
+        self.tokens = 0
+        self.messages = 0
+
+    def message(self, n_tokens: int) -> None:
+        self.messages += 1
+        if not n_tokens:
+            return
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = now
+        else:
+            self.itls.append(now - self.last)
+        self.last = now
+        self.tokens += n_tokens
+
+    def done(self, prompt_tokens: int | None = None) -> RequestResult:
+        end = time.perf_counter()
+        return RequestResult(
+            ok=True,
+            ttft=None if self.first is None else self.first - self.start,
+            e2e=end - self.start,
+            itls=self.itls,
+            output_tokens=self.tokens,
+            prompt_tokens=prompt_tokens,
+            messages=self.messages,
+        )
+
+    def failed(self, error: str) -> RequestResult:
+        return RequestResult(ok=False, error=error, e2e=time.perf_counter() - self.start,
+                             output_tokens=self.tokens, messages=self.messages)  # fmt: skip
+
+
+class Backend(Protocol):
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def count_tokens(self, text: str) -> int | None:
+        """Tokens in `text` with the served model's tokenizer (None: unknown)."""
+
+    async def send(self, prompt: str, max_tokens: int, ignore_eos: bool) -> RequestResult: ...
+
+
+class _Lifecycle:
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def __aenter__(self) -> _Lifecycle:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+
+class GrpcBackend(_Lifecycle):
+    """An llmgrpc server over one gRPC channel (HTTP/2 multiplexes the calls)."""
+
+    def __init__(self, target: str, *, stream: bool = True, timeout: float | None = None):
+        self.name = "grpc" if stream else "grpc-unary"
+        self.target = target
+        self.stream = stream
+        self.timeout = timeout
+        self._client: AsyncClient | None = None
+
+    async def start(self) -> None:
+        self._client = AsyncClient(self.target, timeout=self.timeout)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+    async def count_tokens(self, text: str) -> int | None:
+        assert self._client is not None
+        return len((await self._client.tokenize(text)).token_ids)
+
+    async def send(self, prompt: str, max_tokens: int, ignore_eos: bool) -> RequestResult:
+        assert self._client is not None
+        stub, timeout = self._client.stub, self.timeout
+        req = generate_request(prompt, max_tokens=max_tokens, ignore_eos=ignore_eos,
+                               temperature=0.0)  # fmt: skip
+        rec = Recorder()
+        try:
+            if not self.stream:
+                resp = await stub.Generate(req, timeout=timeout)
+                rec.message(len(resp.token_ids))
+                return rec.done(resp.usage.prompt_tokens)
+            prompt_tokens = None
+            async for msg in stub.GenerateStream(req, timeout=timeout):
+                rec.message(len(msg.token_ids))
+                if msg.HasField("usage"):
+                    prompt_tokens = msg.usage.prompt_tokens
+            return rec.done(prompt_tokens)
+        except grpc.RpcError as e:
+            return rec.failed(e.code().name)  # type: ignore[attr-defined]
+
+
+class OpenAIBackend(_Lifecycle):
+    """An OpenAI-compatible server: streaming `/v1/completions` over aiohttp."""
+
+    def __init__(self, url: str, model: str, *, timeout: float | None = None):
+        self.name = "openai"
+        self.url = url.rstrip("/")
+        self.model = model
+        self.timeout = timeout
+        self._session: Any = None
+
+    async def start(self) -> None:
+        import aiohttp  # noqa: PLC0415  (only this backend needs it)
+
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0),
+            timeout=aiohttp.ClientTimeout(total=self.timeout),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def count_tokens(self, text: str) -> int | None:
+        async with self._session.post(
+            f"{self.url}/tokenize", json={"model": self.model, "prompt": text}
+        ) as resp:
+            if resp.status != 200:
+                return None
+            return int((await resp.json())["count"])
+
+    async def send(self, prompt: str, max_tokens: int, ignore_eos: bool) -> RequestResult:
+        body = {
+            "model": self.model, "prompt": prompt, "max_tokens": max_tokens,
+            "temperature": 0.0, "ignore_eos": ignore_eos, "stream": True,
+            "stream_options": {"include_usage": True},
+            "return_token_ids": True,  # the same payload as llmgrpc's deltas
+        }  # fmt: skip
+        rec = Recorder()
+        prompt_tokens = None
+        try:
+            async with self._session.post(f"{self.url}/v1/completions", json=body) as resp:
+                if resp.status != 200:
+                    await resp.read()
+                    return rec.failed(f"HTTP {resp.status}")
+                async for line in resp.content:
+                    if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        prompt_tokens = chunk["usage"]["prompt_tokens"]
+                    for choice in chunk.get("choices") or ():
+                        ids = choice.get("token_ids")
+                        rec.message(len(ids) if ids is not None else int(bool(choice["text"])))
+            return rec.done(prompt_tokens)
+        except Exception as e:  # connection reset, timeout...: count it, carry on
+            return rec.failed(type(e).__name__)
+
+
+def resolve_model_dir(model: str) -> Path:
+    """A model directory, or the name of an embedded model already built."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    models = Path(os.environ.get("LLMGRPC_MODELS_DIR", Path.home() / ".cache/llmgrpc/models"))
+    if (models / model).is_dir():
+        return models / model
+    raise ValueError(f"no model directory {model!r} (build embedded ones with "
+                     "`python -m llmgrpc_server.models`)")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """The in-process engine's settings: those llmgrpc-server uses for embedded models."""
+
+    model: str = "tiny-llama-gqa"
+    served_model_name: str | None = None
+    kv_cache_memory_bytes: int = 64 * 1024 * 1024
+    max_model_len: int = 2048
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class InProcessBackend(_Lifecycle):
+    """vLLM's AsyncLLM in this process, streaming DELTA outputs, as the server drives it."""
+
+    def __init__(self, settings: EngineSettings):
+        self.name = "inprocess"
+        self.settings = settings
+        self._llm: Any = None
+        self._tokenizer: Any = None
+        self._params: Any = None
+        self._prompt: Any = None
+
+    async def start(self) -> None:
+        # Imported here, not at the top: the client package must not need vLLM.
+        from vllm import SamplingParams  # noqa: PLC0415
+        from vllm.engine.arg_utils import AsyncEngineArgs  # noqa: PLC0415
+        from vllm.inputs import TokensPrompt  # noqa: PLC0415
+        from vllm.sampling_params import RequestOutputKind  # noqa: PLC0415
+        from vllm.v1.engine.async_llm import AsyncLLM  # noqa: PLC0415
+
+        def params(max_tokens: int, ignore_eos: bool) -> Any:
+            return SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos, temperature=0.0,
+                                  output_kind=RequestOutputKind.DELTA)  # fmt: skip
+
+        self._params, self._prompt = params, TokensPrompt
+        s = self.settings
+        model_dir = resolve_model_dir(s.model)
+        args = AsyncEngineArgs(
+            model=str(model_dir),
+            served_model_name=[s.served_model_name or model_dir.name],
+            kv_cache_memory_bytes=s.kv_cache_memory_bytes,
+            max_model_len=s.max_model_len,
+            **s.extra,
+        )
+        self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        self._tokenizer = self._llm.get_tokenizer()
+
+    async def close(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+
+    async def count_tokens(self, text: str) -> int | None:
+        return len(self._tokenizer.encode(text))
+
+    async def send(self, prompt: str, max_tokens: int, ignore_eos: bool) -> RequestResult:
+        params = self._params(max_tokens, ignore_eos)
+        rec = Recorder()
+        try:
+            # Tokenized here, as llmgrpc's engine adapter does, then passed as ids.
+            ids = self._tokenizer.encode(prompt)
+            async for out in self._llm.generate(
+                self._prompt(prompt_token_ids=ids), params, uuid.uuid4().hex
+            ):
+                rec.message(len(out.outputs[0].token_ids))
+            return rec.done(len(ids))
+        except Exception as e:
+            return rec.failed(type(e).__name__)
+
+
+def make_backend(
+    kind: str,
+    *,
+    target: str = "localhost:50051",
+    url: str = "http://localhost:8000",
+    model: str = "tiny-llama-gqa",
+    stream: bool = True,
+    timeout: float | None = None,
+    engine: EngineSettings | None = None,
+) -> GrpcBackend | OpenAIBackend | InProcessBackend:
+    if kind == "grpc":
+        return GrpcBackend(target, stream=stream, timeout=timeout)
+    if kind == "openai":
+        return OpenAIBackend(url, model, timeout=timeout)
+    if kind == "inprocess":
+        return InProcessBackend(engine or EngineSettings(model=model))
+    raise ValueError(f"unknown backend {kind!r}")
