@@ -164,7 +164,7 @@ def to_sampling(msg: pb.SamplingParams, limits: Limits) -> domain.Sampling:  # n
         if msg.HasField("max_tokens") and msg.min_tokens > msg.max_tokens:
             raise InvalidArgument("sampling.min_tokens", "must be <= max_tokens")
     if msg.HasField("temperature"):
-        kw["temperature"] = _finite("sampling.temperature", msg.temperature, 0.0, 100.0)
+        kw["temperature"] = _finite("sampling.temperature", msg.temperature, 0.0, 2.0)
     if msg.HasField("top_p"):
         kw["top_p"] = _finite("sampling.top_p", msg.top_p, 0.0, 1.0, low_open=True)
     if msg.HasField("top_k"):

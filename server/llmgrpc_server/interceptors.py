@@ -4,6 +4,8 @@ It wraps unary and streaming handlers alike:
 1. counts the call as started;
 2. runs the handler, turning `ServiceError`s into rich statuses and any other
    exception into INTERNAL with a generic message (the trace goes to the log);
+   a request that does not parse (corrupt wire bytes, invalid UTF-8 in a
+   string field) is INVALID_ARGUMENT, not grpc's own UNKNOWN;
 3. records the final code, the duration and the messages sent, including for
    calls that the client cancelled or whose deadline expired.
 """
@@ -18,13 +20,36 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from llmgrpc_server.errors import ServiceError, to_status
+from llmgrpc_server.errors import InvalidArgument, ServiceError, to_status
 from llmgrpc_server.metrics import GrpcMetrics, ServiceMetrics
 
 log = logging.getLogger(__name__)
 
 _Handler = Callable[..., Any]
+
+
+class _Undecodable:
+    """Stands in for a request message that did not parse."""
+
+    def __init__(self, error: DecodeError) -> None:
+        self.error = InvalidArgument("request", f"cannot be parsed: {error}")
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    # grpc would answer UNKNOWN with the exception's repr; parse errors are the
+    # caller's bad input, so hand them to the handler to raise as one.
+    if deserializer is None:
+        return None
+
+    def deserialize(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except DecodeError as e:
+            return _Undecodable(e)
+
+    return deserialize
 
 
 class _Call:
@@ -65,13 +90,14 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
         }
+        unary_codec = {**codec, "request_deserializer": _lenient(handler.request_deserializer)}
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary, method), **codec
+                self._unary(handler.unary_unary, method), **unary_codec
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._stream(handler.unary_stream, method, "server_stream"), **codec
+                self._stream(handler.unary_stream, method, "server_stream"), **unary_codec
             )
         if handler.stream_stream:
             # Reflection: count it, but it has no service errors to map.
@@ -84,6 +110,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             call = _Call(rpc_type, method, self._grpc)
             try:
+                if isinstance(request, _Undecodable):
+                    raise request.error
                 response = await behavior(request, context)
                 self._grpc.msg_sent.labels(*call.labels).inc()
                 return response
@@ -104,6 +132,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             call = _Call(rpc_type, method, self._grpc)
             sent = self._grpc.msg_sent.labels(*call.labels)
             try:
+                if isinstance(request, _Undecodable):
+                    raise request.error
                 async for response in behavior(request, context):
                     yield response
                     sent.inc()

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -157,7 +158,7 @@ class VllmEngine:
             raise Unavailable("the engine has stopped; retry on another replica") from e
         except (ValueError, VLLMClientError) as e:
             # vLLM rejects what it cannot serve (e.g. a regex it cannot compile).
-            raise InvalidArgument("request", str(e)) from e
+            raise InvalidArgument("request", _client_message(e)) from e
         finally:
             self._in_flight.discard(request_id)
 
@@ -248,6 +249,22 @@ class VllmEngine:
             )
         else:
             max_tokens = s.max_tokens
+        if s.min_tokens > max_tokens:
+            raise InvalidArgument(
+                "sampling.min_tokens",
+                f"{s.min_tokens} exceeds max_tokens ({max_tokens}, the default when unset)",
+            )
+        try:
+            return self._vllm_sampling_params(request, max_tokens)
+        except (ValueError, VLLMClientError) as e:
+            # vLLM's own checks, should a version tighten one convert.py knows.
+            field = getattr(e, "parameter", None)
+            raise InvalidArgument(f"sampling.{field}" if field else "sampling",
+                                  _client_message(e)) from e  # fmt: skip
+
+    def _vllm_sampling_params(self, request: domain.GenerationRequest, max_tokens: int
+                              ) -> SamplingParams:  # fmt: skip
+        s = request.sampling
         return SamplingParams(
             max_tokens=max_tokens,
             min_tokens=s.min_tokens,
@@ -309,6 +326,15 @@ class _Stream:
             first = self.first_token_at if self.first_token_at is not None else now
             delta.timing = domain.Timing(first - self.arrival, now - self.arrival)
         return delta
+
+
+# xgrammar prefixes its errors with a time and a C++ source location.
+_NATIVE_PREFIX = re.compile(r"\[\d{2}:\d{2}:\d{2}\] \S+:\d+: ")
+
+
+def _client_message(error: Exception) -> str:
+    """vLLM's message for a rejected request, without native-code noise."""
+    return _NATIVE_PREFIX.sub("", str(error)).strip()
 
 
 def _token_logprob(token: int, entry: dict[int, Any], top_n: int) -> domain.TokenLogprob:

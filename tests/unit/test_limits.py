@@ -256,3 +256,36 @@ def _streamed(client: AsyncClient):  # type: ignore[no-untyped-def]
         return [d async for d in client.stream(prompt, **kw)]
 
     return call
+
+
+# --- messages that do not parse -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "raw", "why"),
+    [
+        ("Generate", b"\x12\x02\xff\xfe", "String field had bad UTF-8"),  # prompt
+        ("GenerateStream", b"\x0a\x01\x80", "String field had bad UTF-8"),  # request_id
+        ("Tokenize", b"\x0a\x02\xc3\x28", "String field had bad UTF-8"),  # text
+        ("Detokenize", b"\xff\xff\xff", "Wire format was corrupt"),
+    ],
+)
+async def test_unparsable_requests_are_invalid_argument(
+    fake: FakeServer, method: str, raw: bytes, why: str
+) -> None:
+    """The proto has no bytes fields: invalid UTF-8 arrives only as corrupt
+    wire data. grpc alone would answer UNKNOWN with the exception's repr."""
+    path = f"/llmgrpc.v1.LLMService/{method}"
+    async with grpc.aio.insecure_channel(fake.target) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            if method == "GenerateStream":
+                _ = [m async for m in channel.unary_stream(path)(raw)]
+            else:
+                await channel.unary_unary(path)(raw)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith("request: cannot be parsed: ")
+    assert why in e.value.details()
+    rpc_type = "server_stream" if method == "GenerateStream" else "unary"
+    assert fake.metric("grpc_server_handled_total", {
+        "grpc_type": rpc_type, "grpc_service": "llmgrpc.v1.LLMService",
+        "grpc_method": method, "grpc_code": "INVALID_ARGUMENT"}) == 1  # fmt: skip
