@@ -66,6 +66,20 @@ class Security:
         return ()
 
 
+def channel_options(
+    security: Security, options: Sequence[tuple[str, Any]] = ()
+) -> list[tuple[str, Any]]:
+    """The defaults, overridden by the security options, overridden by `options`.
+
+    gRPC core takes the first of two equal keys, so a plain concatenation
+    would silently ignore a caller's override of a default.
+    """
+    merged = dict(DEFAULT_CHANNEL_OPTIONS)
+    merged.update(security.options())
+    merged.update(options)
+    return list(merged.items())
+
+
 def generate_request(
     prompt: str | None = None,
     *,
@@ -133,7 +147,7 @@ class Client:
         timeout: float | None = None,
     ) -> None:
         self.security = security or Security()
-        opts = [*DEFAULT_CHANNEL_OPTIONS, *self.security.options(), *options]
+        opts = channel_options(self.security, options)
         if self.security.uses_tls:
             self.channel = grpc.secure_channel(target, self.security.channel_credentials(), opts)
         else:
@@ -210,7 +224,7 @@ class AsyncClient:
         timeout: float | None = None,
     ) -> None:
         self.security = security or Security()
-        opts = [*DEFAULT_CHANNEL_OPTIONS, *self.security.options(), *options]
+        opts = channel_options(self.security, options)
         if self.security.uses_tls:
             self.channel = grpc.aio.secure_channel(
                 target, self.security.channel_credentials(), opts
