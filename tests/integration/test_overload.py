@@ -1,0 +1,350 @@
+"""Overload and deadlines against the real engine.
+
+One server for the module with a deliberately small front door and engine:
+`--max-in-flight 16` (admission control) and vLLM's own `--max-num-seqs 1`,
+so one admitted request runs and the others wait in the engine's queue,
+which makes "saturated" deterministic. The last test (the drain timeout)
+stops the server.
+
+Streams that only hold capacity are started on a "slow reader" channel and
+not read until released: the handler then waits on HTTP/2 flow control and
+keeps its slot, so the tests do not depend on how fast the engine is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import grpc
+import psutil
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from llmgrpc import AsyncClient
+from llmgrpc.client import generate_request
+from llmgrpc.v1 import llm_service_pb2 as pb
+
+from tests.metrics_scrape import scrape, value
+from tests.server_process import ServerProcess, cleanup_logs, launch
+
+MAX_IN_FLIGHT = 16
+ENGINE_SEQS = 1
+DRAIN_TIMEOUT = 2.0
+LONG = 2000  # tokens: the most the 2048-token context allows after a short prompt
+
+
+@pytest.fixture(scope="module")
+def limited() -> Iterator[ServerProcess]:
+    server = launch(
+        ["--max-in-flight", str(MAX_IN_FLIGHT), "--max-num-seqs", str(ENGINE_SEQS),
+         "--drain-timeout", str(DRAIN_TIMEOUT)],
+        name="overload",
+    )  # fmt: skip
+    try:
+        server.wait_serving()
+        yield server
+    finally:
+        server.stop()
+        cleanup_logs(server)
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await asyncio.to_thread(predicate):
+            return True
+        await asyncio.sleep(0.05)
+    return await asyncio.to_thread(predicate)
+
+
+@dataclass
+class Outcome:
+    code: grpc.StatusCode
+    seconds: float  # from starting the call to its end, client side
+    tokens: int = 0
+    finish: int = 0
+    retry_delay: float | None = None
+
+
+def start_stream(client: AsyncClient, max_tokens: int, timeout: float = 120.0) -> grpc.aio.Call:
+    """Start a GenerateStream call (gRPC sends it at once) without reading it."""
+    req = generate_request("Overload", max_tokens=max_tokens, ignore_eos=True)
+    return client.stub.GenerateStream(req, timeout=timeout)  # type: ignore[no-any-return]
+
+
+async def finish_stream(call: grpc.aio.Call, start: float | None = None) -> Outcome:
+    start = time.monotonic() if start is None else start
+    tokens, finish = 0, 0
+    try:
+        async for msg in call:  # type: ignore[attr-defined]
+            tokens += len(msg.token_ids)
+            finish = msg.finish_reason or finish
+    except grpc.aio.AioRpcError as e:
+        return Outcome(e.code(), time.monotonic() - start, tokens, finish, _retry_delay(e))
+    return Outcome(grpc.StatusCode.OK, time.monotonic() - start, tokens, finish)
+
+
+async def run_stream(client: AsyncClient, max_tokens: int) -> Outcome:
+    start = time.monotonic()
+    return await finish_stream(start_stream(client, max_tokens), start)
+
+
+def _retry_delay(error: grpc.aio.AioRpcError) -> float | None:
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    for detail in status.details if status else ():
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return float(info.retry_delay.ToTimedelta().total_seconds())
+    return None
+
+
+def slow_reader(target: str) -> AsyncClient:
+    """A client whose unread streams stall the server: tiny HTTP/2 windows.
+
+    A stream it does not read holds its admission slot (the handler waits on
+    flow control) for as long as the test wants, however fast the engine is.
+    """
+    return AsyncClient(target, options=[("grpc.http2.lookahead_bytes", 1024),
+                                         ("grpc.http2.bdp_probe", 0)])  # fmt: skip
+
+
+async def occupy(client: AsyncClient, url: str, n: int) -> list[grpc.aio.Call]:
+    """Start `n` long streams and wait until the server has them all in flight."""
+    calls = [start_stream(client, LONG) for _ in range(n)]
+    assert await eventually(lambda: value(url, "llmgrpc_active_streams") == n)
+    return calls
+
+
+async def release(calls: list[grpc.aio.Call], url: str) -> None:
+    for call in calls:
+        call.cancel()
+    assert await eventually(lambda: value(url, "llmgrpc_active_streams") == 0)
+    assert await eventually(lambda: value(url, "vllm:num_requests_running") == 0)
+    assert await eventually(lambda: value(url, "vllm:kv_cache_usage_perc") == 0)
+
+
+def sample_value(sample: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
+                 **labels: str) -> float:  # fmt: skip
+    """`value()` on a sample already scraped (one scrape for several numbers)."""
+    want = set(labels.items())
+    return sum(v for (n, ls), v in sample.items() if n == name and want <= ls)
+
+
+def rss_mib(server: ServerProcess) -> float:
+    assert server.proc is not None
+    return float(psutil.Process(server.proc.pid).memory_info().rss / 2**20)
+
+
+async def test_burst_beyond_max_in_flight_is_refused_at_once(limited: ServerProcess) -> None:
+    url = limited.metrics_url
+    burst, excess = 64, 64 - MAX_IN_FLIGHT
+
+    def refused_total() -> float:
+        return value(url, "grpc_server_handled_total", grpc_method="GenerateStream",
+                     grpc_code="RESOURCE_EXHAUSTED")  # fmt: skip
+
+    refused_before = refused_total()
+    async with slow_reader(limited.target) as client:
+        await client.generate("warm up", max_tokens=2)
+        # 64 calls at once. The admitted ones are not read yet, so they hold
+        # their slots however long the others take: a refused call that waited
+        # for a slot (queueing) would never come back.
+        start = time.monotonic()
+        calls = [start_stream(client, 500) for _ in range(burst)]
+        ended: dict[int, float] = {}
+        for i, call in enumerate(calls):
+            call.add_done_callback(lambda _, i=i: ended.setdefault(i, time.monotonic() - start))
+        assert await eventually(lambda: len(ended) == excess, 60)
+        latencies = sorted(ended.values())
+        await asyncio.sleep(0.5)
+        assert len(ended) == excess  # the admitted ones are still held
+        refused = [await finish_stream(calls[i]) for i in sorted(ended)]
+        admitted = await asyncio.gather(*(finish_stream(c) for i, c in enumerate(calls)
+                                          if i not in ended))  # fmt: skip
+    assert [o.code for o in refused] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * excess
+    assert all(o.retry_delay == 1.0 for o in refused)  # RetryInfo
+    # The admitted ones then finish whole.
+    assert [(o.code, o.tokens, o.finish) for o in admitted] == [
+        (grpc.StatusCode.OK, 500, pb.FINISH_REASON_LENGTH)] * MAX_IN_FLIGHT  # fmt: skip
+    assert refused_total() - refused_before == excess
+    print(
+        f"\nburst of {burst}, --max-in-flight {MAX_IN_FLIGHT}: {excess} refused in p50 "
+        f"{statistics.median(latencies) * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms"
+    )
+
+
+async def test_sustained_overload_keeps_memory_bounded(limited: ServerProcess) -> None:
+    url = limited.metrics_url
+    async with slow_reader(limited.target) as holder, AsyncClient(limited.target) as client:
+        holders = await occupy(holder, url, MAX_IN_FLIGHT)
+        try:
+
+            async def wave() -> list[Outcome]:
+                return await asyncio.gather(*(run_stream(client, 16) for _ in range(256)))
+
+            await wave()  # warm-up: buffers, code paths, allocator arenas
+            rss_before = rss_mib(limited)
+            start = time.monotonic()
+            outcomes = [o for _ in range(4) for o in await wave()]
+            elapsed = time.monotonic() - start
+            rss_after = rss_mib(limited)
+        finally:
+            await release(holders, url)
+    assert {o.code for o in outcomes} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    print(f"\n{len(outcomes)} refused calls in {elapsed:.1f} s ({len(outcomes) / elapsed:.0f}/s); "
+          f"server RSS {rss_before:.0f} -> {rss_after:.0f} MiB")  # fmt: skip
+    # Refused work is not queued anywhere: memory stays flat.
+    assert rss_after - rss_before < 32, (rss_before, rss_after)
+
+
+async def test_deadline_expiring_in_the_engine_queue_never_runs(limited: ServerProcess) -> None:
+    url = limited.metrics_url
+    late_calls = 2
+    async with slow_reader(limited.target) as holder, AsyncClient(limited.target) as client:
+        # Fourteen holders: one runs in the engine, thirteen wait (~28,000
+        # decode steps of work); two short-deadline calls with 500-token
+        # prompts queue behind them.
+        holders = await occupy(holder, url, MAX_IN_FLIGHT - late_calls)
+        try:
+            before = scrape(url)
+            assert sample_value(before, "vllm:num_requests_running") == ENGINE_SEQS
+            assert sample_value(before, "vllm:num_requests_waiting") >= 2  # a queue
+
+            async def late() -> grpc.StatusCode:
+                try:
+                    await client.generate(prompt_token_ids=[7] * 500, max_tokens=8, timeout=1.5)
+                except grpc.aio.AioRpcError as e:
+                    return e.code()
+                return grpc.StatusCode.OK
+
+            codes = await asyncio.gather(*(late() for _ in range(late_calls)))
+            assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * late_calls, codes
+            # Aborted while waiting, never prefilled: either would have added
+            # 500 prompt tokens (a holder's prompt is 3 tokens). Counted under
+            # both names.
+            after = before
+
+            def delta(name: str, **labels: str) -> float:
+                return sample_value(after, name, **labels) - sample_value(before, name, **labels)
+
+            def counted() -> bool:
+                nonlocal after
+                after = scrape(url)
+                return (delta("llmgrpc_requests_deadline_exceeded_total") == late_calls
+                        and delta("grpc_server_handled_total", grpc_method="Generate",
+                                  grpc_code="DEADLINE_EXCEEDED") == late_calls)  # fmt: skip
+
+            assert await eventually(counted)
+            assert delta("vllm:prompt_tokens_total") < 500
+        finally:
+            await release(holders, url)
+        assert value(url, "vllm:num_requests_waiting") == 0
+
+
+async def test_calls_that_expire_while_the_server_is_paused_leave_nothing_behind(
+    limited: ServerProcess,
+) -> None:
+    """The server process is paused (a long GC pause, a starved CPU) while
+    calls arrive, and their clients give up before it resumes.
+
+    What this does and does not prove: gRPC sends deadlines as relative
+    timeouts, so a paused server cannot know they passed; it learns it from
+    the client's RST_STREAM, read together with the request. gRPC usually
+    drops such calls before any handler runs, but may hand some to the
+    handler, which is then cancelled. Either way none may succeed, run on, or
+    leak: that is what is asserted.
+    """
+    url = limited.metrics_url
+    assert limited.proc is not None
+
+    def snapshot() -> tuple[float, ...]:
+        return (
+            value(url, "grpc_server_started_total", grpc_method="Generate"),
+            value(url, "grpc_server_handled_total", grpc_method="Generate", grpc_code="OK"),
+            value(url, "vllm:prompt_tokens_total"),
+            value(url, "vllm:request_success_total"),
+        )  # fmt: skip
+
+    async with AsyncClient(limited.target) as client:
+        await client.generate("warm up", max_tokens=2)
+        before = snapshot()
+
+        async def late() -> grpc.StatusCode:
+            try:
+                await client.generate("late", max_tokens=64, ignore_eos=True, timeout=0.5)
+            except grpc.aio.AioRpcError as e:
+                return e.code()
+            return grpc.StatusCode.OK
+
+        os.kill(limited.proc.pid, signal.SIGSTOP)  # the server only; the engine runs on
+        try:
+            codes = await asyncio.gather(*(late() for _ in range(20)))
+        finally:
+            os.kill(limited.proc.pid, signal.SIGCONT)
+        assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 20
+        assert await client.health() == "SERVING"
+        for gauge in ("llmgrpc_active_streams", "vllm:num_requests_running",
+                      "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"):  # fmt: skip
+            assert await eventually(lambda g=gauge: value(url, g) == 0), gauge
+        started, succeeded, prompt, finished = (
+            a - b for a, b in zip(snapshot(), before, strict=True)
+        )
+        print(f"\n20 calls expired during a server pause: {started:.0f} reached a handler, "
+              f"{prompt:.0f} prompt tokens computed, none finished")  # fmt: skip
+        assert succeeded == 0 and finished == 0
+        assert (await client.generate("still fine", max_tokens=3)).usage.completion_tokens == 3
+
+
+async def test_adapter_refuses_a_request_whose_deadline_has_passed() -> None:
+    """The window gRPC cannot close: the deadline passes after the handler
+    started but before the request reaches vLLM. The adapter checks it last
+    thing before submitting. (No engine process needed: a stub `AsyncLLM`
+    that fails the test if anything is submitted.)"""
+    from llmgrpc_server import domain
+    from llmgrpc_server.errors import DeadlineExceeded
+    from llmgrpc_server.vllm_engine import VllmEngine
+
+    class StubLLM:
+        errored = False
+        vllm_config = SimpleNamespace(model_config=SimpleNamespace(
+            get_vocab_size=lambda: 512, max_model_len=2048, max_logprobs=20))  # fmt: skip
+
+        def get_tokenizer(self) -> object:
+            return SimpleNamespace(chat_template=None, encode=lambda text: [1, 2])
+
+        def generate(self, *args: object) -> object:
+            raise AssertionError("a request past its deadline reached the engine")
+
+    engine = VllmEngine(StubLLM(), "stub")  # type: ignore[arg-type]
+    request = domain.GenerationRequest("r1", prompt="hi", deadline=time.monotonic() - 0.001)
+    with pytest.raises(DeadlineExceeded):
+        async for _ in engine.generate(request):
+            pass
+
+
+async def test_drain_timeout_cuts_streams_and_still_exits_zero(limited: ServerProcess) -> None:
+    """Last in the module: it stops the module's server."""
+    url = limited.metrics_url
+    async with slow_reader(limited.target) as client:
+        # Streams whose reader is too slow to finish within the drain timeout.
+        calls = await occupy(client, url, MAX_IN_FLIGHT)
+        sigterm_at = time.monotonic()
+        limited.signal()
+        code = await asyncio.to_thread(limited.wait_exit, 60)
+        exit_seconds = time.monotonic() - sigterm_at
+        results = await asyncio.gather(*(finish_stream(c) for c in calls))
+    print(f"\ndrain timeout {DRAIN_TIMEOUT:.0f} s: exit {code} {exit_seconds:.1f} s after "
+          f"SIGTERM; streams {[r.code.name for r in results]}, tokens "
+          f"{[r.tokens for r in results]}")  # fmt: skip
+    assert code == 0
+    assert exit_seconds < DRAIN_TIMEOUT + 15
+    # Cut streams end with an error status, never with OK and a short text.
+    assert all(r.code != grpc.StatusCode.OK and r.tokens < LONG for r in results)
