@@ -1,4 +1,4 @@
-"""Cancellation frees the KV cache; health; SIGTERM drain."""
+"""Cancellation and deadlines free the KV cache; health; SIGTERM drain under load."""
 
 from __future__ import annotations
 
@@ -8,10 +8,14 @@ import time
 import grpc
 import pytest
 from llmgrpc import Client
+from llmgrpc.client import generate_request
 from llmgrpc.v1 import llm_service_pb2 as pb
 
 from tests.metrics_scrape import scrape, value
 from tests.server_process import ServerProcess, cleanup_logs, launch
+
+# A client whose unread streams stall the server on HTTP/2 flow control.
+SLOW_READER = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
 
 
 def _poll(predicate, timeout: float = 30.0) -> bool:  # type: ignore[no-untyped-def]
@@ -31,6 +35,7 @@ def test_kv_cache_rises_in_flight_and_cancel_frees_it(llama: ServerProcess) -> N
                    for _ in range(8)]  # fmt: skip
         for s in streams:
             next(s)
+
         # Eight long generations hold KV blocks while they run ...
         def holding() -> bool:
             sample = scrape(url)
@@ -77,12 +82,42 @@ def test_kv_cache_falls_to_zero_after_generations_finish(llama: ServerProcess) -
 
 def test_deadline_aborts_the_request(llama: ServerProcess) -> None:
     url = llama.metrics_url
+
+    def deadline_exceeded(method: str) -> tuple[float, float]:
+        return (value(url, "llmgrpc_requests_deadline_exceeded_total", grpc_method=method),
+                value(url, "grpc_server_handled_total", grpc_method=method,
+                      grpc_code="DEADLINE_EXCEEDED"))  # fmt: skip
+
     before = value(url, "llmgrpc_requests_deadline_exceeded_total")
+    unary_before = deadline_exceeded("Generate")
+    generated_before = value(url, "vllm:generation_tokens_total")
     with Client(llama.target) as client, pytest.raises(grpc.RpcError) as e:
         client.generate("Hello", max_tokens=1900, ignore_eos=True, timeout=1.0)
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert _poll(lambda: value(url, "vllm:num_requests_running") == 0)
     assert _poll(lambda: value(url, "llmgrpc_requests_deadline_exceeded_total") == before + 1)
+    # Counted under both names, aborted early, and its KV blocks freed.
+    assert deadline_exceeded("Generate") == tuple(n + 1 for n in unary_before)
+    assert value(url, "vllm:generation_tokens_total") - generated_before < 1900
+    assert _poll(lambda: value(url, "vllm:kv_cache_usage_perc") == 0)
+
+
+def test_deadline_aborts_a_stream_midway(llama: ServerProcess) -> None:
+    url = llama.metrics_url
+    stream_before = value(url, "llmgrpc_requests_deadline_exceeded_total",
+                          grpc_method="GenerateStream")  # fmt: skip
+    generated_before = value(url, "vllm:generation_tokens_total")
+    received = 0
+    with Client(llama.target) as client, pytest.raises(grpc.RpcError) as e:
+        for d in client.stream("Hello", max_tokens=1900, ignore_eos=True, timeout=0.5):
+            received += len(d.token_ids)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert received < 1900
+    assert _poll(lambda: value(url, "vllm:num_requests_running") == 0)
+    assert _poll(lambda: value(url, "llmgrpc_requests_deadline_exceeded_total",
+                               grpc_method="GenerateStream") == stream_before + 1)  # fmt: skip
+    assert value(url, "vllm:generation_tokens_total") - generated_before < 1900
+    assert _poll(lambda: value(url, "vllm:kv_cache_usage_perc") == 0)
 
 
 def test_health_and_reflection(llama: ServerProcess) -> None:
@@ -100,20 +135,17 @@ def test_health_and_reflection(llama: ServerProcess) -> None:
 
 def test_sigterm_drains_in_flight_streams_then_exits_zero() -> None:
     server = launch(["--drain-timeout", "60"], name="drain")
+    n, max_tokens = 16, 1500
     try:
         server.wait_serving()
-        with Client(server.target) as client:
-            received: list[pb.GenerateResponse] = []
-            done = threading.Event()
-
-            def consume() -> None:
-                for d in client.stream("Drain me", max_tokens=300, ignore_eos=True):
-                    received.append(d)
-                done.set()
-
-            t = threading.Thread(target=consume)
-            t.start()
-            assert _poll(lambda: len(received) > 2, 30)
+        # A slow reader (tiny HTTP/2 windows) that reads nothing until after
+        # SIGTERM: all sixteen streams are surely in flight when it arrives
+        # (still sending; on this machine most are still generating too).
+        with Client(server.target, options=SLOW_READER) as slow, Client(server.target) as client:
+            req = generate_request("Drain me", max_tokens=max_tokens, ignore_eos=True)
+            calls = [slow.stub.GenerateStream(req, timeout=120) for _ in range(n)]
+            assert _poll(lambda: value(server.metrics_url, "llmgrpc_active_streams") == n, 60)
+            sigterm_at = time.monotonic()
             server.signal()
             assert _poll(lambda: client.health() == "NOT_SERVING", 5)
             assert client.health("") == "SERVING"  # liveness keeps passing while draining
@@ -121,11 +153,16 @@ def test_sigterm_drains_in_flight_streams_then_exits_zero() -> None:
                 client.generate("too late", max_tokens=1, timeout=5)
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "shutting down" in e.value.details()
-            t.join(timeout=90)
-            assert done.is_set()
-            assert received[-1].finish_reason == pb.FINISH_REASON_LENGTH
-            assert sum(len(d.token_ids) for d in received) == 300
+            # Every in-flight stream completes, nothing truncated.
+            for call in calls:
+                received: list[pb.GenerateResponse] = list(call)
+                assert received[-1].finish_reason == pb.FINISH_REASON_LENGTH
+                assert sum(len(d.token_ids) for d in received) == max_tokens
         assert server.wait_exit(timeout=120) == 0
+        print(
+            f"\ndrain of {n} streams x {max_tokens} tokens: exit 0 "
+            f"{time.monotonic() - sigterm_at:.1f} s after SIGTERM"
+        )
     finally:
         server.stop()
         cleanup_logs(server)
