@@ -19,6 +19,7 @@ import grpc
 from google.protobuf import json_format
 
 from llmgrpc.client import SERVICE_NAME, Client, Security
+from llmgrpc.v1 import llm_service_pb2 as pb
 
 
 def _connection_args(p: argparse.ArgumentParser) -> None:
@@ -116,9 +117,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         _print_json(info)
         return 0
     a, kv = info.architecture, info.kv_cache
-    kind = a.DESCRIPTOR.fields_by_name["attention_kind"].enum_type.values_by_number[
-        a.attention_kind
-    ].name.removeprefix("ATTENTION_KIND_")
+    kind = pb.AttentionKind.Name(a.attention_kind).removeprefix("ATTENTION_KIND_")
     rows = [
         ("model", f"{info.model_name}  ({info.model_path})"),
         ("architecture", f"{', '.join(a.architectures)} ({a.model_type})"),
@@ -178,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--regex")
     g.add_argument("--choice", action="append")
     g.add_argument("--json", action="store_true", help="print the whole response as JSON")
-    g.add_argument("-v", "--verbose", action="store_true", help="with --stream: print the final message")
+    g.add_argument("-v", "--verbose", action="store_true",
+                   help="with --stream: print the final message")  # fmt: skip
     _connection_args(g)
     g.set_defaults(func=cmd_generate)
 

@@ -74,7 +74,8 @@ def to_generation_request(
 ) -> domain.GenerationRequest:
     if len(msg.request_id) > limits.max_request_id_len:
         raise InvalidArgument(
-            "request_id", f"at most {limits.max_request_id_len} characters, got {len(msg.request_id)}"
+            "request_id",
+            f"at most {limits.max_request_id_len} characters, got {len(msg.request_id)}",
         )
     prompt, token_ids, chat = _input(msg, limits)
     return domain.GenerationRequest(
@@ -272,7 +273,9 @@ def to_generate_response(delta: domain.Delta) -> pb.GenerateResponse:
         )
     if delta.timing is not None:
         msg.timing.CopyFrom(
-            pb.Timing(time_to_first_token=delta.timing.time_to_first_token, total=delta.timing.total)
+            pb.Timing(
+                time_to_first_token=delta.timing.time_to_first_token, total=delta.timing.total
+            )
         )
     return msg
 

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -22,8 +23,8 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import REGISTRY, CollectorRegistry
 from llmgrpc.v1 import llm_service_pb2_grpc as pb_grpc
+from prometheus_client import REGISTRY, CollectorRegistry
 
 from llmgrpc_server import model_facts
 from llmgrpc_server.admission import Admission
@@ -110,6 +111,7 @@ async def serve(
     model_name: str,
     engine_factory: EngineFactory,
     grpc_metrics: GrpcMetrics,
+    *,
     stop: asyncio.Event | None = None,
     on_started: Callable[[RunningServer], None] | None = None,
     registry: CollectorRegistry = REGISTRY,
@@ -168,10 +170,8 @@ async def _wait_for_stop_or_death(engine: Engine, stop: asyncio.Event) -> bool:
     while not stop.is_set():
         if engine.is_dead:
             return True
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), ENGINE_WATCH_INTERVAL)
-        except TimeoutError:
-            pass
     return False
 
 

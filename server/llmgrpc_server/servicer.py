@@ -73,7 +73,9 @@ class LLMServicer(pb_grpc.LLMServiceServicer):
                 async for delta in self._counted(req, "GenerateStream"):
                     yield convert.to_generate_response(delta)
 
-    async def _counted(self, req: domain.GenerationRequest, method: str) -> AsyncIterator[domain.Delta]:
+    async def _counted(
+        self, req: domain.GenerationRequest, method: str
+    ) -> AsyncIterator[domain.Delta]:
         # Tokens count as they leave the engine, so a cancelled or failed
         # request still reports what it produced.
         async for delta in self.engine.generate(req):

@@ -88,7 +88,9 @@ class VllmEngine:
     ) -> None:  # fmt: skip
         self._llm = llm
         self._model_path = model_path
-        self._tokenizer = llm.get_tokenizer()
+        # The Hugging Face tokenizer itself: vLLM's TokenizerLike protocol omits
+        # offsets and chat-template typing that we rely on.
+        self._tokenizer: Any = llm.get_tokenizer()
         self._in_flight: set[str] = set()
         config = llm.vllm_config.model_config
         self._limits = Limits(
@@ -194,7 +196,7 @@ class VllmEngine:
         vc = self._llm.vllm_config
         mc, cc = vc.model_config, vc.cache_config
         return domain.ModelInfo(
-            model_name=mc.served_model_name,
+            model_name=_first_name(mc.served_model_name, mc.model),
             model_path=self._model_path,
             max_model_len=mc.max_model_len,
             dtype=str(mc.dtype).removeprefix("torch."),
@@ -231,11 +233,13 @@ class VllmEngine:
             text = self._render_chat(request.chat)
             ids, field = list(self._tokenizer.encode(text, add_special_tokens=False)), "chat"
         else:
-            ids, field = list(self._tokenizer.encode(request.prompt)), "prompt"
+            ids, field = list(self._tokenizer.encode(request.prompt or "")), "prompt"
         check_prompt_length(field, len(ids), self._limits)
         return ids
 
-    def _sampling_params(self, request: domain.GenerationRequest, prompt_len: int) -> SamplingParams:
+    def _sampling_params(
+        self, request: domain.GenerationRequest, prompt_len: int
+    ) -> SamplingParams:
         s = request.sampling
         room = self._limits.max_model_len - prompt_len
         if s.max_tokens is None:
@@ -310,9 +314,11 @@ class _Stream:
             delta.logprobs = [
                 _token_logprob(token, entry, self.top_n)
                 for token, entry in zip(ids, completion.logprobs, strict=False)
+                if entry is not None
             ]
         if output.finished:
-            delta.finish_reason = _FINISH.get(completion.finish_reason or "", domain.FinishReason.STOP)
+            reason = completion.finish_reason or ""
+            delta.finish_reason = _FINISH.get(reason, domain.FinishReason.STOP)
             stop = completion.stop_reason
             if isinstance(stop, str):
                 delta.stop_string = stop
@@ -363,6 +369,12 @@ def _structured(spec: domain.StructuredOutput | None) -> StructuredOutputsParams
     if spec.choice is not None:
         return StructuredOutputsParams(choice=list(spec.choice))
     return StructuredOutputsParams(regex=spec.regex, grammar=spec.grammar)
+
+
+def _first_name(names: str | list[str] | None, model: str) -> str:
+    if isinstance(names, list):
+        return names[0] if names else model
+    return names or model
 
 
 def _kv_dtype(cache_dtype: str, model_dtype: str) -> str:
