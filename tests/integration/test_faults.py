@@ -1,0 +1,218 @@
+"""Faults against the real engine: a cancellation storm and engine death.
+
+(Graceful drain under load is in test_lifecycle.py, the drain-timeout path in
+test_overload.py.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import grpc
+import psutil
+from grpc_health.v1 import health_pb2
+from llmgrpc import AsyncClient
+from llmgrpc.client import generate_request
+from llmgrpc.v1 import llm_service_pb2 as pb
+
+from tests.metrics_scrape import value
+from tests.server_process import ServerProcess, cleanup_logs, launch
+
+SEED = 20261125
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await asyncio.to_thread(predicate):
+            return True
+        await asyncio.sleep(0.1)
+    return await asyncio.to_thread(predicate)
+
+
+async def storm_stream(client: AsyncClient, rng: random.Random) -> tuple[str, int]:
+    """One stream cancelled at a random point; returns where it was cut and
+    how many tokens it asked for."""
+    max_tokens = rng.randint(500, 1900)
+    return await _cut(client, rng, max_tokens), max_tokens
+
+
+async def _cut(client: AsyncClient, rng: random.Random, max_tokens: int) -> str:
+    how = rng.choice(("at once", "after k messages", "after a delay"))
+    call = client.stub.GenerateStream(
+        generate_request("Storm", max_tokens=max_tokens, ignore_eos=True), timeout=60
+    )
+    if how == "at once":
+        await asyncio.sleep(rng.uniform(0, 0.05))  # maybe before the server saw it
+    elif how == "after k messages":
+        for _ in range(rng.randint(1, 40)):
+            if await call.read() is grpc.aio.EOF:
+                return "finished"
+    else:
+        cut_at = time.monotonic() + rng.uniform(0.05, 1.5)
+        while time.monotonic() < cut_at:
+            try:
+                msg = await asyncio.wait_for(call.read(), cut_at - time.monotonic())
+            except TimeoutError:
+                break
+            if msg is grpc.aio.EOF:
+                return "finished"
+    call.cancel()
+    code = await call.code()
+    assert code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.OK), code
+    return how if code == grpc.StatusCode.CANCELLED else "finished"
+
+
+async def test_cancellation_storm_leaves_nothing_behind(llama: ServerProcess) -> None:
+    url = llama.metrics_url
+    rng = random.Random(SEED)
+    waves, per_wave = 6, 64
+
+    def counters() -> tuple[float, float, float]:
+        return (
+            value(url, "llmgrpc_requests_cancelled_total", grpc_method="GenerateStream"),
+            value(url, "grpc_server_handled_total", grpc_method="GenerateStream",
+                  grpc_code="CANCELLED"),
+            value(url, "vllm:generation_tokens_total"),
+        )  # fmt: skip
+
+    before = counters()
+    cuts: Counter[str] = Counter()
+    requested = 0
+    start = time.monotonic()
+    async with AsyncClient(llama.target) as client:
+        for _ in range(waves):
+            wave = [storm_stream(client, random.Random(rng.random())) for _ in range(per_wave)]
+            for how, max_tokens in await asyncio.wait_for(asyncio.gather(*wave), 120):
+                cuts[how] += 1
+                requested += max_tokens
+        elapsed = time.monotonic() - start
+
+        # Nothing is left running, waiting, holding KV blocks or counted active.
+        for gauge in ("vllm:num_requests_running", "vllm:num_requests_waiting",
+                      "vllm:kv_cache_usage_perc", "llmgrpc_active_streams"):  # fmt: skip
+            assert await eventually(lambda g=gauge: value(url, g) == 0), gauge
+        cancelled, handled_cancelled, generated = (
+            a - b for a, b in zip(counters(), before, strict=True)
+        )
+        # The server serves normally.
+        assert await client.health() == "SERVING"
+        unary = await client.generate("after the storm", max_tokens=12, ignore_eos=True)
+        deltas = [d async for d in client.stream("after the storm", max_tokens=12,
+                                                 ignore_eos=True)]  # fmt: skip
+        assert unary.usage.completion_tokens == 12 == sum(len(d.token_ids) for d in deltas)
+        assert deltas[-1].finish_reason == pb.FINISH_REASON_LENGTH
+
+    total = waves * per_wave
+    assert sum(cuts.values()) == total
+    print(
+        f"\ncancellation storm: {total} streams in {elapsed:.1f} s, cut {dict(cuts)}; "
+        f"server counted {cancelled:.0f} cancelled; engine generated {generated:.0f} of "
+        f"{requested} tokens asked for"
+    )
+    # Every cancellation the server saw was counted once, under both names.
+    # (A stream cut after the server sent its last message, or before the
+    # server saw it, is not a cancellation there.)
+    assert cancelled == handled_cancelled
+    assert 0 < cancelled <= total - cuts["finished"]
+    # The engine stopped work for the cut streams instead of finishing it.
+    assert generated < 0.6 * requested
+
+
+def test_engine_death_fails_calls_with_unavailable_and_exits_nonzero() -> None:
+    # One engine slot: sixteen streams of 2000 tokens are ~32,000 decode
+    # steps, so most are surely still in the engine when it is killed, even
+    # if this (shared, busy) machine answers a metrics poll late.
+    server = launch(["--max-num-seqs", "1"], name="engine-death")
+    family: list[psutil.Process] = []
+    try:
+        server.wait_serving()
+        assert server.proc is not None
+        family = psutil.Process(server.proc.pid).children(recursive=True)
+        cores = [p for p in family if "EngineCore" in p.name()]
+        assert len(cores) == 1, [(p.pid, p.name()) for p in family]
+        asyncio.run(_kill_engine_under_load(server, cores[0]))
+        code = server.wait_exit(timeout=60)
+        print(f"server exit code {code}")
+        assert code != 0, "the server must exit non-zero so it is restarted"
+        # No engine process outlives the server.
+        _, alive = psutil.wait_procs(family, timeout=30)
+        assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
+    finally:
+        server.stop()
+        for p in family:  # only if the assertion above failed
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                p.kill()
+        cleanup_logs(server)
+
+
+async def _kill_engine_under_load(server: ServerProcess, core: psutil.Process) -> None:
+    url, n, max_tokens = server.metrics_url, 16, 2000
+    async with AsyncClient(server.target) as client:
+        statuses: dict[str, list[str]] = {"": [], "llmgrpc.v1.LLMService": []}
+        not_serving_after: dict[str, float] = {}
+        killed_at = float("inf")
+
+        async def watch(service: str) -> None:
+            stream = client.health_stub.Watch(health_pb2.HealthCheckRequest(service=service))
+            try:
+                async for resp in stream:
+                    statuses[service].append(
+                        health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+                    )
+                    if resp.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                        not_serving_after[service] = time.monotonic() - killed_at
+            except grpc.aio.AioRpcError as e:  # the server went away
+                statuses[service].append(e.code().name)
+
+        watchers = [asyncio.create_task(watch(s)) for s in statuses]
+        req = generate_request("Doomed", max_tokens=max_tokens, ignore_eos=True)
+        streams = [client.stub.GenerateStream(req, timeout=120) for _ in range(n)]
+        assert await eventually(lambda: value(url, "vllm:num_requests_running") == 1
+                                and value(url, "vllm:num_requests_waiting") >= n // 2)  # fmt: skip
+        core.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+
+        async def outcome(call: grpc.aio.UnaryStreamCall) -> tuple[grpc.StatusCode, str, int]:
+            tokens = 0
+            try:
+                async for msg in call:
+                    tokens += len(msg.token_ids)
+            except grpc.aio.AioRpcError as e:
+                return e.code(), e.details() or "", tokens
+            return grpc.StatusCode.OK, "", tokens
+
+        results = await asyncio.wait_for(asyncio.gather(*(outcome(c) for c in streams)), 60)
+        failed_after = time.monotonic() - killed_at
+        try:
+            await client.generate("anyone there?", max_tokens=1, timeout=10)
+            late = grpc.StatusCode.OK
+        except grpc.aio.AioRpcError as e:
+            late = e.code()
+        await asyncio.wait_for(asyncio.gather(*watchers), 60)
+
+    codes = Counter(c.name for c, _, _ in results)
+    print(
+        f"\nengine killed: {n} streams -> {dict(codes)} within {failed_after:.1f} s; "
+        f"health {statuses}, NOT_SERVING after "
+        f"{ {k: round(v, 2) for k, v in not_serving_after.items()} } s; a new call -> {late.name}"
+    )
+    # Streams the engine finished before the kill are whole; every other one
+    # ends UNAVAILABLE (retry elsewhere), never OK with a cut text, never
+    # another code.
+    for code, details, tokens in results:
+        if code == grpc.StatusCode.OK:
+            assert tokens == max_tokens
+        else:
+            assert code == grpc.StatusCode.UNAVAILABLE, (code, details)
+            assert "engine" in details, details
+    assert codes["UNAVAILABLE"] >= n // 2
+    assert late == grpc.StatusCode.UNAVAILABLE
+    for service, seen in statuses.items():
+        assert seen[0] == "SERVING", (service, seen)
+        assert "NOT_SERVING" in seen, (service, seen)
