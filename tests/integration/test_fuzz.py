@@ -382,7 +382,14 @@ def test_fuzzed_requests_end_with_documented_codes_and_leave_nothing_running(
             for call, code in zip(batch, codes, strict=True):
                 tally[(call.method, code.name)] += 1
 
-        run()
+        try:
+            run()
+        except BaseException:
+            # What the server saw is the first thing to read about a failure.
+            notable = [line for line in llama.log().splitlines()
+                       if any(w in line for w in ("ERROR", "Traceback", "aborted", "Error"))]  # fmt: skip
+            print("\nserver log, notable lines:\n" + "\n".join(notable[-60:]))
+            raise
         elapsed = time.monotonic() - started
         total = sum(tally.values())
         print(f"\nfuzz: {total} calls in {elapsed:.0f} s")
