@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_VLLM = ("0.32.",)
 DEFAULT_MAX_TOKENS = 16
+# Prompts up to this many characters are tokenized on the event loop: a
+# thread hop would cost more than they do.
+INLINE_TOKENIZE_CHARS = 16_384
 
 _FINISH = {
     "stop": domain.FinishReason.STOP,
@@ -135,12 +138,17 @@ class VllmEngine:
 
     async def generate(self, request: domain.GenerationRequest) -> AsyncIterator[domain.Delta]:
         arrival = time.monotonic()
-        if request.deadline is not None and arrival >= request.deadline:
-            raise DeadlineExceeded("the request's deadline passed before it started")
+        _check_deadline(request)
         if self.is_dead:
             raise Unavailable("the engine has stopped; retry on another replica")
-        prompt_ids = self._prompt_ids(request)
+        if _input_chars(request) > INLINE_TOKENIZE_CHARS:
+            # About a second per MB: off the event loop, so one huge prompt
+            # does not stall every other call and the health checks.
+            prompt_ids = await asyncio.to_thread(self._prompt_ids, request)
+        else:
+            prompt_ids = self._prompt_ids(request)
         params = self._sampling_params(request, len(prompt_ids))
+        _check_deadline(request)  # preparing may have taken it past its deadline
         request_id = request.request_id
         if request_id in self._in_flight:
             raise AlreadyExists(f"request_id {request_id!r} is already in flight")
@@ -341,6 +349,19 @@ _NATIVE_PREFIX = re.compile(r"\[\d{2}:\d{2}:\d{2}\] \S+:\d+: ")
 def _client_message(error: Exception) -> str:
     """vLLM's message for a rejected request, without native-code noise."""
     return _NATIVE_PREFIX.sub("", str(error)).strip()
+
+
+def _check_deadline(request: domain.GenerationRequest) -> None:
+    if request.deadline is not None and time.monotonic() >= request.deadline:
+        raise DeadlineExceeded("the request's deadline passed before it started")
+
+
+def _input_chars(request: domain.GenerationRequest) -> int:
+    if request.prompt is not None:
+        return len(request.prompt)
+    if request.chat is not None:
+        return sum(len(turn.content) for turn in request.chat.turns)
+    return 0
 
 
 def _token_logprob(token: int, entry: dict[int, Any], top_n: int) -> domain.TokenLogprob:

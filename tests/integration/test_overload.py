@@ -205,6 +205,32 @@ async def test_sustained_overload_keeps_memory_bounded(limited: ServerProcess) -
     assert rss_after - rss_before < 32, (rss_before, rss_after)
 
 
+async def test_a_huge_prompt_does_not_stall_other_calls(limited: ServerProcess) -> None:
+    """Tokenizing a 6 MB prompt takes seconds. It must not hold the event loop
+    that answers every other call, health checks included, meanwhile."""
+    async with AsyncClient(limited.target) as client, AsyncClient(limited.target) as prober:
+        await prober.health()
+        start = time.monotonic()
+        huge = asyncio.create_task(
+            client.generate("hello world " * 500_000, max_tokens=1, timeout=120)
+        )
+        probes: list[float] = []
+        while not huge.done():
+            t = time.monotonic()
+            assert await prober.health(timeout=120) == "SERVING"
+            probes.append(time.monotonic() - t)
+            await asyncio.sleep(0.05)
+        huge_seconds = time.monotonic() - start
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await huge
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # far too long, once tokenized
+    print(f"\n6 MB prompt refused after {huge_seconds:.1f} s; {len(probes)} health checks "
+          f"meanwhile, slowest {max(probes) * 1000:.0f} ms")  # fmt: skip
+    # Before the fix the first probe waited for the whole tokenization.
+    assert len(probes) >= 3
+    assert max(probes) < huge_seconds / 2
+
+
 async def test_deadline_expiring_in_the_engine_queue_never_runs(limited: ServerProcess) -> None:
     url = limited.metrics_url
     late_calls = 2
