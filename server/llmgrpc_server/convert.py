@@ -242,11 +242,11 @@ _FINISH = {
 
 def to_generate_response(delta: domain.Delta) -> pb.GenerateResponse:
     msg = pb.GenerateResponse(
-        request_id=delta.request_id,
-        text=delta.text,
-        token_ids=delta.token_ids,
-        finish_reason=_FINISH[delta.finish_reason],
+        request_id=delta.request_id, text=delta.text, token_ids=delta.token_ids
     )
+    if delta.finish_reason is None and not delta.logprobs:
+        return msg  # most messages of a stream: nothing else to set
+    msg.finish_reason = _FINISH[delta.finish_reason]
     if delta.logprobs:
         msg.logprobs.extend(
             pb.TokenLogprob(

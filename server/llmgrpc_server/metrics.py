@@ -8,7 +8,7 @@ for the service's own.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
@@ -105,11 +105,19 @@ class ServiceMetrics:
         finally:
             self._active_streams.dec()
 
-    def tokens_generated(self, method: str, n: int) -> None:
-        if n:
-            self._generated.labels(self.model_name, method).inc(n)
-            if method == "GenerateStream":
-                self._streamed.inc(n)
+    def token_counter(self, method: str) -> Callable[[int], None]:
+        """A function counting the tokens of each message of one `method` call:
+        the labelled children are looked up once per call, not per message."""
+        generated = self._generated.labels(self.model_name, method)
+        streamed = self._streamed if method == "GenerateStream" else None
+
+        def count(n: int) -> None:
+            if n:
+                generated.inc(n)
+                if streamed is not None:
+                    streamed.inc(n)
+
+        return count
 
     def tokenize_called(self) -> None:
         self._tokenize.inc()

@@ -78,8 +78,9 @@ class LLMServicer(pb_grpc.LLMServiceServicer):
     ) -> AsyncIterator[domain.Delta]:
         # Tokens count as they leave the engine, so a cancelled or failed
         # request still reports what it produced.
+        count = self._metrics.token_counter(method)
         async for delta in self.engine.generate(req):
-            self._metrics.tokens_generated(method, len(delta.token_ids))
+            count(len(delta.token_ids))
             yield delta
 
     async def Tokenize(

@@ -44,6 +44,18 @@ DEFAULT_MAX_TOKENS = 16
 # Prompts up to this many characters are tokenized on the event loop: a
 # thread hop would cost more than they do.
 INLINE_TOKENIZE_CHARS = 16_384
+# Under load, one message per token costs the front end and its clients more CPU
+# than the engine spends making the token (docs/benchmarks.md): a request that
+# arrives with many others in flight gets up to COALESCE_MAX tokens per message,
+# one more for every COALESCE_STEP requests in flight. vLLM (stream_interval)
+# never holds back the first token nor the last message.
+COALESCE_STEP, COALESCE_MAX = 8, 4
+
+
+def tokens_per_message(in_flight: int) -> int:
+    """How many tokens the messages of a stream carry, given the requests in flight."""
+    return max(1, min(COALESCE_MAX, in_flight // COALESCE_STEP))
+
 
 _FINISH = {
     "stop": domain.FinishReason.STOP,
@@ -296,6 +308,7 @@ class VllmEngine:
             skip_special_tokens=s.skip_special_tokens,
             structured_outputs=_structured(request.structured_output),
             output_kind=RequestOutputKind.DELTA,
+            stream_interval=tokens_per_message(len(self._in_flight)),
         )
 
 

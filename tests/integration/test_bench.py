@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from llmgrpc import AsyncClient
+from llmgrpc.v1 import llm_service_pb2 as pb
+
 from tests.server_process import ServerProcess
 
 LLMGRPC = Path(sys.executable).parent / "llmgrpc"
@@ -39,3 +42,26 @@ def test_open_loop_and_unary(llama: ServerProcess) -> None:
     assert s["failures"] == {} and s["output_tokens"] == 6 * 16
     assert s["backend"] == "grpc-unary" and s["messages_per_request"] == 1
     assert s["workload"]["request_rate"] == 20 and s["workload"]["concurrency"] is None
+
+
+async def test_under_load_messages_carry_several_tokens_and_keep_the_contract(
+    llama: ServerProcess,
+) -> None:
+    # 24 requests in flight: a new stream gets 3 tokens per message
+    # (vllm_engine.tokens_per_message), or more if it falls behind.
+    async with AsyncClient(llama.target, timeout=300) as client:
+        holders = [client.stream(f"holder {i}", max_tokens=1000, ignore_eos=True)
+                   for i in range(24)]  # fmt: skip
+        try:
+            for holder in holders:
+                await anext(holder)  # in flight
+            msgs = [m async for m in client.stream("under load", max_tokens=48,
+                                                   ignore_eos=True, temperature=0.0)]  # fmt: skip
+        finally:
+            for holder in holders:
+                await holder.aclose()
+    *body, last = msgs
+    assert sum(len(m.token_ids) for m in msgs) == 48 == last.usage.completion_tokens
+    assert last.finish_reason == pb.FINISH_REASON_LENGTH
+    assert all(not m.HasField("usage") and not m.finish_reason for m in body)
+    assert len(msgs) <= 1 + -(-47 // 3)  # the first token alone, then 3 per message
