@@ -58,7 +58,7 @@ class ServerProcess:
         )  # fmt: skip
         return self
 
-    def wait_ports(self, timeout: float = 60.0) -> None:
+    def wait_ports(self, timeout: float = STARTUP_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.log()
