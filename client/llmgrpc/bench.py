@@ -328,7 +328,7 @@ def run(args: argparse.Namespace) -> int:
 def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
     """Run on uvloop when it is installed (as the server and vLLM's do): less client CPU."""
     try:
-        import uvloop  # noqa: PLC0415  (optional: not a client dependency)
+        import uvloop
     except ImportError:
         return asyncio.run(coro)
     return uvloop.run(coro)

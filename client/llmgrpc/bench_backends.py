@@ -167,7 +167,7 @@ class OpenAIBackend(_Lifecycle):
         self._session: Any = None
 
     async def start(self) -> None:
-        import aiohttp  # noqa: PLC0415  (only this backend needs it)
+        import aiohttp
 
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0),
@@ -250,11 +250,11 @@ class InProcessBackend(_Lifecycle):
 
     async def start(self) -> None:
         # Imported here, not at the top: the client package must not need vLLM.
-        from vllm import SamplingParams  # noqa: PLC0415
-        from vllm.engine.arg_utils import AsyncEngineArgs  # noqa: PLC0415
-        from vllm.inputs import TokensPrompt  # noqa: PLC0415
-        from vllm.sampling_params import RequestOutputKind  # noqa: PLC0415
-        from vllm.v1.engine.async_llm import AsyncLLM  # noqa: PLC0415
+        from vllm import SamplingParams
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.async_llm import AsyncLLM
 
         def params(max_tokens: int, ignore_eos: bool) -> Any:
             return SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos, temperature=0.0,

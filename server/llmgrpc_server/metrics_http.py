@@ -67,7 +67,7 @@ def start_metrics_server(
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        def log_message(self, format: str, *args: object) -> None:
             pass  # scrapes every second would flood the log
 
     if ":" in host:
