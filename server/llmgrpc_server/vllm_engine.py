@@ -49,7 +49,7 @@ INLINE_TOKENIZE_CHARS = 16_384
 # arrives with many others in flight gets up to COALESCE_MAX tokens per message,
 # one more for every COALESCE_STEP requests in flight. vLLM (stream_interval)
 # never holds back the first token nor the last message.
-COALESCE_STEP, COALESCE_MAX = 8, 4
+COALESCE_STEP, COALESCE_MAX = 4, 8
 
 
 def tokens_per_message(in_flight: int) -> int:
