@@ -234,7 +234,7 @@ def _server_cmd(backend: str, port: int) -> list[str]:
             "--disable-uvicorn-access-log"]  # fmt: skip
 
 
-def run_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
+def run_backend(backend: str, args: argparse.Namespace, scrape: bool) -> dict[str, Any]:
     """Start the server (if any), measure from a child process, stop it."""
     load_before, started = os.getloadavg(), time.monotonic()
     if backend == "inprocess":
@@ -255,6 +255,8 @@ def run_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
                 kw = {"url": f"http://127.0.0.1:{port}",
                       "scrape_url": f"http://127.0.0.1:{port}/metrics"}  # fmt: skip
             ready = time.monotonic() - started
+            if not scrape:
+                del kw["scrape_url"]
             result = _child(backend, args, frontend_pid=proc.pid, **kw)
             result["startup_s"] = ready
         finally:
@@ -262,6 +264,20 @@ def run_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
     result["load_before"], result["load_after"] = load_before, os.getloadavg()
     result["wall_s"] = time.monotonic() - started
     return result
+
+
+def merge_passes(passes: list[dict[str, Any]]) -> dict[str, Any]:
+    """One backend's passes as one result: the runs of every pass per level."""
+    merged: dict[str, Any] = {"levels": {}, "unary": {}, "passes": []}
+    for result in passes:
+        for kind in ("levels", "unary"):
+            for c, runs in result[kind].items():
+                merged[kind].setdefault(str(c), []).extend(runs)
+        if "scrape_run" in result:
+            merged["scrape_run"] = result["scrape_run"]
+        merged["passes"].append({k: result[k] for k in
+                                 ("load_before", "load_after", "startup_s", "wall_s")})  # fmt: skip
+    return merged
 
 
 # --- the report ---------------------------------------------------------------------
@@ -288,7 +304,7 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "tpot_ms.p50", "e2e_ms.p50", "e2e_ms.p99", "client_cpu_ms_per_1k_tokens",
             "frontend_cpu_ms_per_1k_tokens", "engine_cpu_ms_per_1k_tokens",
             "messages_per_request")  # fmt: skip
-    agg = {k: _median(runs, k) for k in keys}
+    agg: dict[str, Any] = {k: _median(runs, k) for k in keys}
     agg["failures"] = failures
     agg["requests"] = sum(r["requests"] for r in runs)
     agg["tokens_ok"] = all(r["output_tokens_per_request"] == [MAX_TOKENS] for r in runs)
@@ -335,7 +351,9 @@ def main() -> None:
     p.add_argument("--backends", default=",".join(BACKENDS))
     p.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",")], default=LEVELS)
     p.add_argument("--rounds", type=int, default=6, help="requests per level = rounds x concurrency")
-    p.add_argument("--repeats", type=int, default=3, help="runs per level (medians reported)")
+    p.add_argument("--repeats", type=int, default=2, help="runs per level and pass")
+    p.add_argument("--passes", type=int, default=2,
+                   help="passes over the backends, in alternating order (medians of all)")
     p.add_argument("--json", type=Path, help="also write the raw results here")
     p.add_argument("--from-json", type=Path, help="only write the report from earlier results")
     p.add_argument("--md", type=Path, default=REPO / "docs" / "benchmarks.md")
@@ -347,10 +365,17 @@ def main() -> None:
     else:
         doc = {"started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                "machine": machine(), "results": {}}  # fmt: skip
-        for backend in args.backends.split(","):
-            print(f"{backend}: running (load {os.getloadavg()[0]:.1f})", file=sys.stderr)
-            doc["results"][backend] = run_backend(backend, args)
-            print(f"{backend}: done in {doc['results'][backend]['wall_s']:.0f} s", file=sys.stderr)
+        backends = args.backends.split(",")
+        passes: dict[str, list[dict[str, Any]]] = {b: [] for b in backends}
+        # ABC then CBA...: a drift in the machine's load hits every backend alike.
+        for n in range(args.passes):
+            for backend in backends if n % 2 == 0 else backends[::-1]:
+                print(f"pass {n + 1}, {backend}: running (load {os.getloadavg()[0]:.1f})",
+                      file=sys.stderr)  # fmt: skip
+                passes[backend].append(run_backend(backend, args, scrape=n == 0))
+                print(f"pass {n + 1}, {backend}: done in {passes[backend][-1]['wall_s']:.0f} s",
+                      file=sys.stderr)  # fmt: skip
+        doc["results"] = {b: merge_passes(runs) for b, runs in passes.items()}
         doc["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     if args.json:
         args.json.write_text(json.dumps(doc, indent=1))
@@ -457,9 +482,10 @@ def write_markdown(doc: dict[str, Any], path: Path, png: str) -> None:
     if path.exists() and MARK_BEGIN in (old := path.read_text()):
         kept = old[old.index(MARK_BEGIN) + len(MARK_BEGIN): old.index(MARK_END)].strip("\n")
     repeats = max(len(runs) for res in results.values() for runs in res["levels"].values())
-    load = [f"- {LABELS[b]}: 1-minute load average {r['load_before'][0]:.1f} before, "
-            f"{r['load_after'][0]:.1f} after; engine start {r['startup_s']:.0f} s, "
-            f"whole run {r['wall_s']:.0f} s" for b, r in results.items()]  # fmt: skip
+    load = [f"- {LABELS[b]}, pass {i + 1}: 1-minute load average {r['load_before'][0]:.1f} "
+            f"before, {r['load_after'][0]:.1f} after; ready in {r['startup_s']:.0f} s, "
+            f"whole run {r['wall_s']:.0f} s"
+            for b, res in results.items() for i, r in enumerate(res["passes"])]  # fmt: skip
     lines = [
         "# Benchmarks",
         "",
@@ -469,7 +495,8 @@ def write_markdown(doc: dict[str, Any], path: Path, png: str) -> None:
         "",
         f"`{MODEL}` (the embedded 2-layer random-weight Llama), {MAX_TOKENS} output tokens per "
         f"request (`ignore_eos`), prompts of about {PROMPT_LEN} tokens, streaming, closed loop. "
-        f"Every figure is the median of {repeats} runs.",
+        f"Every figure is the median of {repeats} runs (passes over the backends in "
+        "alternating order, so that a drift in the machine's load hits them alike).",
         "",
         f"![output tokens/s and TTFT against concurrency]({png})",
         "",
@@ -507,7 +534,11 @@ def write_markdown(doc: dict[str, Any], path: Path, png: str) -> None:
         "## Method",
         "",
         "- One server at a time: start, wait until ready, warm up (one closed-loop round at "
-        "the highest concurrency, then up to 8 requests before each run), measure, stop.",
+        "the highest concurrency, then up to 8 requests before each run), measure, stop; "
+        "then the next backend, and the whole sequence again in reverse order.",
+        "- Servers run in the same session as the client. Across sessions, the kernel's "
+        "autogroup scheduling let streams stall for hundreds of ms under other users' load "
+        "(TTFT close to E2E, for llmgrpc and vLLM's server alike, never in-process).",
         "- gRPC: `llmgrpc-server --model tiny-llama-gqa`. In-process: `AsyncLLM` with the "
         "same engine settings (KV cache 64 MiB, max_model_len 2048, vLLM's defaults "
         "otherwise), prompts tokenized and passed as ids, `RequestOutputKind.DELTA`, as the "
