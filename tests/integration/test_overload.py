@@ -162,7 +162,7 @@ async def test_burst_beyond_max_in_flight_is_refused_at_once(limited: ServerProc
         # their slots however long the others take: a refused call that waited
         # for a slot (queueing) would never come back.
         start = time.monotonic()
-        calls = [start_stream(client, 500) for _ in range(burst)]
+        calls = [start_stream(client, 300) for _ in range(burst)]  # > 1 KiB each: held
         ended: dict[int, float] = {}
         for i, call in enumerate(calls):
             call.add_done_callback(lambda _, i=i: ended.setdefault(i, time.monotonic() - start))
@@ -177,7 +177,7 @@ async def test_burst_beyond_max_in_flight_is_refused_at_once(limited: ServerProc
     assert all(o.retry_delay == 1.0 for o in refused)  # RetryInfo
     # The admitted ones then finish whole.
     assert [(o.code, o.tokens, o.finish) for o in admitted] == [
-        (grpc.StatusCode.OK, 500, pb.FINISH_REASON_LENGTH)] * MAX_IN_FLIGHT  # fmt: skip
+        (grpc.StatusCode.OK, 300, pb.FINISH_REASON_LENGTH)] * MAX_IN_FLIGHT  # fmt: skip
     assert await eventually(lambda: refused_total() - refused_before == excess)
     print(
         f"\nburst of {burst}, --max-in-flight {MAX_IN_FLIGHT}: {excess} refused in p50 "
