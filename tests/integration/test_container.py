@@ -22,11 +22,9 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -53,20 +51,16 @@ def _ensure_tools() -> None:
 
 
 @pytest.fixture(scope="module")
-def podman_env() -> Iterator[dict[str, str]]:
+def podman_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """podman's environment; on hybrid cgroup hosts crun refuses to start, runc works."""
     _ensure_tools()
     env = dict(os.environ)
-    conf = None
     controllers = pathlib.Path("/sys/fs/cgroup/unified/cgroup.controllers")
     if "CONTAINERS_CONF" not in env and controllers.exists() and controllers.read_text().strip():
-        conf = tempfile.NamedTemporaryFile("w", suffix=".conf", delete=False)
-        conf.write('[engine]\nruntime = "runc"\n')
-        conf.close()
-        env["CONTAINERS_CONF"] = conf.name
-    yield env
-    if conf is not None:
-        os.unlink(conf.name)
+        conf = tmp_path_factory.mktemp("podman") / "containers.conf"
+        conf.write_text('[engine]\nruntime = "runc"\n')
+        env["CONTAINERS_CONF"] = str(conf)
+    return env
 
 
 def podman(env: dict[str, str], *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -11,7 +11,6 @@ import random
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable
 
 import grpc
 import psutil
@@ -22,17 +21,9 @@ from llmgrpc.v1 import llm_service_pb2 as pb
 
 from tests.metrics_scrape import value
 from tests.server_process import ServerProcess, cleanup_logs, launch
+from tests.waiting import eventually
 
 SEED = 20261125
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await asyncio.to_thread(predicate):
-            return True
-        await asyncio.sleep(0.1)
-    return await asyncio.to_thread(predicate)
 
 
 async def storm_stream(client: AsyncClient, rng: random.Random) -> tuple[str, int]:

@@ -25,7 +25,6 @@ import os
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +40,7 @@ from llmgrpc.v1 import llm_service_pb2 as pb
 
 from tests.metrics_scrape import value
 from tests.server_process import ServerProcess
+from tests.waiting import poll
 
 EXAMPLES = int(os.environ.get("LLMGRPC_FUZZ_EXAMPLES", "300"))
 BATCH = 8  # requests per example, sent CONCURRENCY at a time
@@ -349,15 +349,6 @@ def _run(client: Client, call: Call) -> grpc.StatusCode:
 # --- the test ---------------------------------------------------------------------
 
 
-def _poll(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return predicate()
-
-
 def _server_codes(url: str, code: str) -> float:
     return value(url, "grpc_server_handled_total", grpc_service="llmgrpc.v1.LLMService",
                  grpc_code=code)  # fmt: skip
@@ -402,8 +393,8 @@ def test_fuzzed_requests_end_with_documented_codes_and_leave_nothing_running(
         assert client.generate("still fine", max_tokens=3).usage.completion_tokens == 3
     assert llama.proc is not None and llama.proc.poll() is None
     # ... nothing is left in the engine ...
-    assert _poll(lambda: value(url, "vllm:num_requests_running") == 0)
-    assert _poll(lambda: value(url, "vllm:num_requests_waiting") == 0)
+    assert poll(lambda: value(url, "vllm:num_requests_running") == 0)
+    assert poll(lambda: value(url, "vllm:num_requests_waiting") == 0)
     # ... and the server itself never answered INTERNAL or UNKNOWN.
     assert _server_codes(url, "INTERNAL") + _server_codes(url, "UNKNOWN") == internal_before
 

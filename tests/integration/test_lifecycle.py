@@ -13,18 +13,10 @@ from llmgrpc.v1 import llm_service_pb2 as pb
 
 from tests.metrics_scrape import scrape, value
 from tests.server_process import ServerProcess, cleanup_logs, launch
+from tests.waiting import poll
 
 # A client whose unread streams stall the server on HTTP/2 flow control.
 SLOW_READER = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
-
-
-def _poll(predicate, timeout: float = 30.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return predicate()
 
 
 def test_kv_cache_rises_in_flight_and_cancel_frees_it(llama: ServerProcess) -> None:
@@ -43,13 +35,13 @@ def test_kv_cache_rises_in_flight_and_cancel_frees_it(llama: ServerProcess) -> N
             kv = sum(v for (n, _), v in sample.items() if n == "vllm:kv_cache_usage_perc")
             return running >= 4 and kv > 0
 
-        assert _poll(holding, 20)
+        assert poll(holding, 20)
         for s in streams:
             s.close()  # cancels the call
         # ... and cancelling them aborts them in the engine, long before they
         # could have finished, and frees every block.
-        assert _poll(lambda: value(url, "vllm:num_requests_running") == 0)
-        assert _poll(lambda: value(url, "vllm:kv_cache_usage_perc") == 0)
+        assert poll(lambda: value(url, "vllm:num_requests_running") == 0)
+        assert poll(lambda: value(url, "vllm:kv_cache_usage_perc") == 0)
         generated = value(url, "vllm:generation_tokens_total") - generated_before
         assert generated < 8 * 2000 / 2, f"{generated} tokens: the requests ran to completion"
         assert value(url, "llmgrpc_requests_cancelled_total") >= 8
@@ -76,7 +68,7 @@ def test_kv_cache_falls_to_zero_after_generations_finish(llama: ServerProcess) -
             w.join()
         assert [r.usage.completion_tokens for r in results] == [1900] * 4
         # ... and all released once they finish.
-        assert _poll(lambda: value(url, "vllm:kv_cache_usage_perc") == 0)
+        assert poll(lambda: value(url, "vllm:kv_cache_usage_perc") == 0)
 
 
 def test_deadline_aborts_the_request(llama: ServerProcess) -> None:
@@ -93,12 +85,12 @@ def test_deadline_aborts_the_request(llama: ServerProcess) -> None:
     with Client(llama.target) as client, pytest.raises(grpc.RpcError) as e:
         client.generate("Hello", max_tokens=1900, ignore_eos=True, timeout=1.0)
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert _poll(lambda: value(url, "vllm:num_requests_running") == 0)
-    assert _poll(lambda: value(url, "llmgrpc_requests_deadline_exceeded_total") == before + 1)
+    assert poll(lambda: value(url, "vllm:num_requests_running") == 0)
+    assert poll(lambda: value(url, "llmgrpc_requests_deadline_exceeded_total") == before + 1)
     # Counted under both names, aborted early, and its KV blocks freed.
     assert deadline_exceeded("Generate") == tuple(n + 1 for n in unary_before)
     assert value(url, "vllm:generation_tokens_total") - generated_before < 1900
-    assert _poll(lambda: value(url, "vllm:kv_cache_usage_perc") == 0)
+    assert poll(lambda: value(url, "vllm:kv_cache_usage_perc") == 0)
 
 
 def test_deadline_aborts_a_stream_midway(llama: ServerProcess) -> None:
@@ -112,11 +104,11 @@ def test_deadline_aborts_a_stream_midway(llama: ServerProcess) -> None:
             received += len(d.token_ids)
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert received < 1900
-    assert _poll(lambda: value(url, "vllm:num_requests_running") == 0)
-    assert _poll(lambda: value(url, "llmgrpc_requests_deadline_exceeded_total",
+    assert poll(lambda: value(url, "vllm:num_requests_running") == 0)
+    assert poll(lambda: value(url, "llmgrpc_requests_deadline_exceeded_total",
                                grpc_method="GenerateStream") == stream_before + 1)  # fmt: skip
     assert value(url, "vllm:generation_tokens_total") - generated_before < 1900
-    assert _poll(lambda: value(url, "vllm:kv_cache_usage_perc") == 0)
+    assert poll(lambda: value(url, "vllm:kv_cache_usage_perc") == 0)
 
 
 def test_health_and_reflection(llama: ServerProcess) -> None:
@@ -143,10 +135,10 @@ def test_sigterm_drains_in_flight_streams_then_exits_zero() -> None:
         with Client(server.target, options=SLOW_READER) as slow, Client(server.target) as client:
             req = generate_request("Drain me", max_tokens=max_tokens, ignore_eos=True)
             calls = [slow.stub.GenerateStream(req, timeout=120) for _ in range(n)]
-            assert _poll(lambda: value(server.metrics_url, "llmgrpc_active_streams") == n, 60)
+            assert poll(lambda: value(server.metrics_url, "llmgrpc_active_streams") == n, 60)
             sigterm_at = time.monotonic()
             server.signal()
-            assert _poll(lambda: client.health() == "NOT_SERVING", 5)
+            assert poll(lambda: client.health() == "NOT_SERVING", 5)
             assert client.health("") == "SERVING"  # liveness keeps passing while draining
             with pytest.raises(grpc.RpcError) as e:
                 client.generate("too late", max_tokens=1, timeout=5)

@@ -14,7 +14,7 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -26,6 +26,7 @@ from llmgrpc.v1 import llm_service_pb2 as pb
 
 from tests.metrics_scrape import value
 from tests.server_process import ServerProcess, cleanup_logs, launch
+from tests.waiting import eventually
 
 SEED = 20261125
 CALL_TIMEOUT = 120.0  # every call has a deadline: nothing can hang
@@ -48,15 +49,6 @@ def loaded() -> Iterator[ServerProcess]:
     finally:
         server.stop()
         cleanup_logs(server)
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await asyncio.to_thread(predicate):
-            return True
-        await asyncio.sleep(0.1)
-    return await asyncio.to_thread(predicate)
 
 
 @dataclass

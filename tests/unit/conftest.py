@@ -5,11 +5,11 @@ from dataclasses import dataclass
 
 import pytest
 from llmgrpc import AsyncClient
-from prometheus_client import CollectorRegistry
-
 from llmgrpc_server import server
 from llmgrpc_server.config import ServerConfig
 from llmgrpc_server.metrics import GrpcMetrics
+from prometheus_client import CollectorRegistry
+
 from tests.fakes import FakeEngine
 
 
