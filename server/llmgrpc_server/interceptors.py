@@ -29,6 +29,23 @@ log = logging.getLogger(__name__)
 
 _Handler = Callable[..., Any]
 
+# A client's own deadline timer starts before the server's (the server starts
+# its timer when it reads the request), so when a deadline passes the client
+# usually gives up first and the server sees a plain cancellation a few
+# milliseconds before its own deadline. A cancellation this close to the
+# deadline is counted as the deadline: at most 1 s and a tenth of the time
+# the call was given.
+DEADLINE_SLACK_SECONDS = 1.0
+DEADLINE_SLACK_FRACTION = 0.1
+
+
+def _deadline_passed(budget: float | None, remaining: float | None) -> bool:
+    """Whether a call cancelled with `remaining` seconds left of `budget` hit its deadline."""
+    if budget is None or remaining is None:
+        return False
+    slack = min(DEADLINE_SLACK_SECONDS, DEADLINE_SLACK_FRACTION * budget)
+    return remaining <= slack
+
 
 class _Undecodable:
     """Stands in for a request message that did not parse."""
@@ -55,13 +72,20 @@ def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
 class _Call:
     """Bookkeeping for one RPC."""
 
-    def __init__(self, rpc_type: str, full_method: str, grpc_metrics: GrpcMetrics) -> None:
+    def __init__(
+        self,
+        rpc_type: str,
+        full_method: str,
+        grpc_metrics: GrpcMetrics,
+        context: grpc.aio.ServicerContext,
+    ) -> None:
         _, _, path = full_method.partition("/")
         self.service, _, self.method = path.partition("/")
         self.labels = (rpc_type, self.service, self.method)
         self.metrics = grpc_metrics
         self.code = grpc.StatusCode.OK
         self.start = time.perf_counter()
+        self.budget = context.time_remaining()  # seconds to the deadline, None if none
         grpc_metrics.started.labels(*self.labels).inc()
         grpc_metrics.msg_received.labels(*self.labels).inc()
 
@@ -108,7 +132,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
     def _unary(self, behavior: _Handler, method: str, rpc_type: str = "unary") -> _Handler:
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            call = _Call(rpc_type, method, self._grpc)
+            call = _Call(rpc_type, method, self._grpc, context)
             try:
                 if isinstance(request, _Undecodable):
                     raise request.error
@@ -129,7 +153,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             return self._unary(behavior, method, rpc_type)
 
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            call = _Call(rpc_type, method, self._grpc)
+            call = _Call(rpc_type, method, self._grpc, context)
             sent = self._grpc.msg_sent.labels(*call.labels)
             try:
                 if isinstance(request, _Undecodable):
@@ -152,8 +176,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         which grpc turns into the status; cancellation must propagate as is.
         """
         if isinstance(e, asyncio.CancelledError | GeneratorExit):
-            remaining = context.time_remaining()
-            if remaining is not None and remaining <= 0:
+            if _deadline_passed(call.budget, context.time_remaining()):
                 call.code = grpc.StatusCode.DEADLINE_EXCEEDED
                 self._service.deadline_exceeded(call.method)
             else:

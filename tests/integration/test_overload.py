@@ -34,6 +34,7 @@ from llmgrpc.client import generate_request
 from llmgrpc.v1 import llm_service_pb2 as pb
 from llmgrpc_server.metrics_http import RENDER_MAX_AGE
 
+from tests import waiting
 from tests.metrics_scrape import scrape, value
 from tests.server_process import ServerProcess, cleanup_logs, launch
 
@@ -59,12 +60,8 @@ def limited() -> Iterator[ServerProcess]:
 
 
 async def eventually(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await asyncio.to_thread(predicate):
-            return True
-        await asyncio.sleep(0.05)
-    return await asyncio.to_thread(predicate)
+    """Polls faster than the default: these tests watch short-lived queues."""
+    return await waiting.eventually(predicate, timeout, interval=0.05)
 
 
 @dataclass
@@ -277,7 +274,15 @@ async def test_deadline_expiring_in_the_engine_queue_never_runs(limited: ServerP
                                   grpc_code="DEADLINE_EXCEEDED") == late_calls)  # fmt: skip
 
             # The server admitted both (they were not refused) and counted them ...
-            assert await eventually(counted)
+            assert await eventually(counted), {
+                (name, code): delta(name, grpc_method="Generate", **labels)
+                for name, code, labels in [
+                    ("llmgrpc_requests_deadline_exceeded_total", "", {}),
+                    ("llmgrpc_requests_cancelled_total", "", {}),
+                    *(("grpc_server_handled_total", c, {"grpc_code": c})
+                      for c in ("DEADLINE_EXCEEDED", "CANCELLED", "RESOURCE_EXHAUSTED", "OK")),
+                ]
+            }  # fmt: skip
             # ... and the engine aborted them while they waited: never prefilled,
             # or the prompt counter would have grown by 500 for each (the 62
             # holders' prompts are 3 tokens each).

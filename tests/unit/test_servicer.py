@@ -7,12 +7,13 @@ import math
 
 import grpc
 import pytest
-from grpc_status import rpc_status
 from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from llmgrpc import AsyncClient
 from llmgrpc.v1 import llm_service_pb2 as pb
-
+from llmgrpc_server import interceptors
 from llmgrpc_server.config import ServerConfig
+
 from tests.unit.conftest import FakeServer, start_fake
 
 
@@ -131,6 +132,48 @@ async def test_deadline_aborts_and_is_counted(fake: FakeServer) -> None:
     assert "slow" in fake.engine.aborted
     assert fake.metric("llmgrpc_requests_deadline_exceeded_total",
                        {"model_name": "fake", "grpc_method": "Generate"}) == 1  # fmt: skip
+
+
+async def test_every_expired_deadline_is_counted_as_one(fake: FakeServer) -> None:
+    # The client's deadline timer fires first and cancels the call a moment
+    # before the server's own: that is still a deadline, not a cancellation.
+    fake.engine.step_delay = 0.05
+    calls = 10
+    async with AsyncClient(fake.target) as c:
+
+        async def late(i: int) -> grpc.StatusCode:
+            try:
+                await c.generate("hello", max_tokens=60, request_id=f"late-{i}", timeout=0.5)
+            except grpc.aio.AioRpcError as e:
+                return e.code()
+            return grpc.StatusCode.OK
+
+        codes = await asyncio.gather(*(late(i) for i in range(calls)))
+    assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * calls
+    labels = {"model_name": "fake", "grpc_method": "Generate"}
+    for _ in range(100):
+        if fake.metric("llmgrpc_requests_deadline_exceeded_total", labels) == calls:
+            break
+        await asyncio.sleep(0.02)
+    assert fake.metric("llmgrpc_requests_deadline_exceeded_total", labels) == calls
+    assert fake.metric("llmgrpc_requests_cancelled_total", labels) == 0
+
+
+@pytest.mark.parametrize(
+    ("budget", "remaining", "passed"),
+    [
+        (None, None, False),  # no deadline: a cancel is a cancel
+        (8.0, 0.005, True),  # the client's timer fired a moment before ours
+        (8.0, -0.1, True),
+        (8.0, 0.7, True),
+        (8.0, 3.0, False),  # cancelled well before the deadline
+        (60.0, 2.0, False),  # the slack never exceeds one second
+        (0.2, 0.05, False),  # nor a tenth of the call's time
+        (0.2, 0.01, True),
+    ],
+)
+def test_deadline_slack(budget: float | None, remaining: float | None, passed: bool) -> None:
+    assert interceptors._deadline_passed(budget, remaining) is passed
 
 
 async def test_admission_control_rejects_with_retry_info() -> None:
