@@ -15,10 +15,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,5 +115,32 @@ def launch(args: list[str], name: str = "server", **kw: object) -> ServerProcess
     return ServerProcess(args=args, log_path=log_dir / "server.log", **kw).start()  # type: ignore[arg-type]
 
 
-def cleanup_logs(server: ServerProcess) -> None:
-    shutil.rmtree(server.log_path.parent, ignore_errors=True)
+@contextmanager
+def running(args: list[str], name: str, request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    """A launched server (not yet waited on), stopped on exit.
+
+    Its log is deleted unless a test failed while it ran: then the log's tail
+    goes to the test report and the file is kept, so a CI failure can be read.
+    """
+    failed_before = request.session.testsfailed
+    server = launch(args, name=name)
+    failed = True
+    try:
+        yield server
+        failed = False
+    finally:
+        server.stop()
+        if failed or request.session.testsfailed > failed_before:
+            _report_log(server, request)
+        else:
+            shutil.rmtree(server.log_path.parent, ignore_errors=True)
+
+
+def _report_log(server: ServerProcess, request: pytest.FixtureRequest, lines: int = 60) -> None:
+    tail = server.log().splitlines()[-lines:]
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None:
+        return
+    reporter.write_line(f"\n--- last {len(tail)} lines of {server.log_path} (kept) ---")
+    for line in tail:
+        reporter.write_line(line)

@@ -6,27 +6,23 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.server_process import ServerProcess, cleanup_logs, launch
+from tests.server_process import ServerProcess, running
 
 
-def _serve(model: str) -> Iterator[ServerProcess]:
-    server = launch(["--model", model, "--drain-timeout", "10"], name=model)
-    try:
+def _serve(model: str, request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    with running(["--model", model, "--drain-timeout", "10"], model, request) as server:
         server.wait_serving()
         yield server
-    finally:
-        server.stop()
-        cleanup_logs(server)
 
 
 @pytest.fixture(scope="session")
-def llama() -> Iterator[ServerProcess]:
-    yield from _serve("tiny-llama-gqa")
+def llama(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    yield from _serve("tiny-llama-gqa", request)
 
 
 @pytest.fixture(scope="session")
-def moe() -> Iterator[ServerProcess]:
-    yield from _serve("tiny-mixtral-moe")
+def moe(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    yield from _serve("tiny-mixtral-moe", request)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

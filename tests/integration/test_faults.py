@@ -14,13 +14,14 @@ from collections import Counter
 
 import grpc
 import psutil
+import pytest
 from grpc_health.v1 import health_pb2
 from llmgrpc import AsyncClient
 from llmgrpc.client import generate_request
 from llmgrpc.v1 import llm_service_pb2 as pb
 
 from tests.metrics_scrape import value
-from tests.server_process import ServerProcess, cleanup_logs, launch
+from tests.server_process import ServerProcess, running
 from tests.waiting import eventually
 
 SEED = 20261125
@@ -116,30 +117,30 @@ async def test_cancellation_storm_leaves_nothing_behind(llama: ServerProcess) ->
     assert generated < 0.8 * requested
 
 
-async def test_engine_death_fails_calls_with_unavailable_and_exits_nonzero() -> None:
+async def test_engine_death_fails_calls_with_unavailable_and_exits_nonzero(
+    request: pytest.FixtureRequest,
+) -> None:
     # One engine slot: sixteen streams of 2000 tokens are ~32,000 decode
     # steps, so most are surely still in the engine when it is killed.
-    server = launch(["--max-num-seqs", "1"], name="engine-death")
     family: list[psutil.Process] = []
-    try:
-        await asyncio.to_thread(server.wait_serving)
-        assert server.proc is not None
-        family = psutil.Process(server.proc.pid).children(recursive=True)
-        cores = [p for p in family if "EngineCore" in p.name()]
-        assert len(cores) == 1, [(p.pid, p.name()) for p in family]
-        await _kill_engine_under_load(server, cores[0])
-        code = await asyncio.to_thread(server.wait_exit, 60)
-        print(f"server exit code {code}")
-        assert code != 0, "the server must exit non-zero so it is restarted"
-        # No engine process outlives the server.
-        _, alive = await asyncio.to_thread(psutil.wait_procs, family, 30)
-        assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
-    finally:
-        server.stop()
-        for p in family:  # only if the assertion above failed
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                p.kill()
-        cleanup_logs(server)
+    with running(["--max-num-seqs", "1"], "engine-death", request) as server:
+        try:
+            await asyncio.to_thread(server.wait_serving)
+            assert server.proc is not None
+            family = psutil.Process(server.proc.pid).children(recursive=True)
+            cores = [p for p in family if "EngineCore" in p.name()]
+            assert len(cores) == 1, [(p.pid, p.name()) for p in family]
+            await _kill_engine_under_load(server, cores[0])
+            code = await asyncio.to_thread(server.wait_exit, 60)
+            print(f"server exit code {code}")
+            assert code != 0, "the server must exit non-zero so it is restarted"
+            # No engine process outlives the server.
+            _, alive = await asyncio.to_thread(psutil.wait_procs, family, 30)
+            assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
+        finally:
+            for p in family:  # only if the assertion above failed
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    p.kill()
 
 
 async def _kill_engine_under_load(server: ServerProcess, core: psutil.Process) -> None:

@@ -12,7 +12,7 @@ from llmgrpc.client import generate_request
 from llmgrpc.v1 import llm_service_pb2 as pb
 
 from tests.metrics_scrape import scrape, value
-from tests.server_process import ServerProcess, cleanup_logs, launch
+from tests.server_process import ServerProcess, running
 from tests.waiting import poll
 
 # A client whose unread streams stall the server on HTTP/2 flow control.
@@ -124,10 +124,9 @@ def test_health_and_reflection(llama: ServerProcess) -> None:
         assert {"llmgrpc.v1.LLMService", "grpc.health.v1.Health"} <= names
 
 
-def test_sigterm_drains_in_flight_streams_then_exits_zero() -> None:
-    server = launch(["--drain-timeout", "60"], name="drain")
+def test_sigterm_drains_in_flight_streams_then_exits_zero(request: pytest.FixtureRequest) -> None:
     n, max_tokens = 16, 1500
-    try:
+    with running(["--drain-timeout", "60"], "drain", request) as server:
         server.wait_serving()
         # A slow reader (tiny HTTP/2 windows) that reads nothing until after
         # SIGTERM: all sixteen streams are surely in flight when it arrives
@@ -154,6 +153,3 @@ def test_sigterm_drains_in_flight_streams_then_exits_zero() -> None:
             f"\ndrain of {n} streams x {max_tokens} tokens: exit 0 "
             f"{time.monotonic() - sigterm_at:.1f} s after SIGTERM"
         )
-    finally:
-        server.stop()
-        cleanup_logs(server)

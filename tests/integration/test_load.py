@@ -25,7 +25,7 @@ from llmgrpc.client import generate_request
 from llmgrpc.v1 import llm_service_pb2 as pb
 
 from tests.metrics_scrape import value
-from tests.server_process import ServerProcess, cleanup_logs, launch
+from tests.server_process import ServerProcess, running
 from tests.waiting import eventually
 
 SEED = 20261125
@@ -41,14 +41,10 @@ SOAK_SECONDS = float(os.environ.get("LLMGRPC_SOAK_SECONDS", "180"))
 
 
 @pytest.fixture(scope="module")
-def loaded() -> Iterator[ServerProcess]:
-    server = launch(["--max-in-flight", "512"], name="load")
-    try:
+def loaded(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    with running(["--max-in-flight", "512"], "load", request) as server:
         server.wait_serving()
         yield server
-    finally:
-        server.stop()
-        cleanup_logs(server)
 
 
 @dataclass

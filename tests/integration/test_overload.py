@@ -36,7 +36,7 @@ from llmgrpc_server.metrics_http import RENDER_MAX_AGE
 
 from tests import waiting
 from tests.metrics_scrape import scrape, value
-from tests.server_process import ServerProcess, cleanup_logs, launch
+from tests.server_process import ServerProcess, running
 
 MAX_IN_FLIGHT = 64
 ENGINE_SEQS = 1
@@ -45,18 +45,12 @@ LONG = 2000  # tokens: the most the 2048-token context allows after a short prom
 
 
 @pytest.fixture(scope="module")
-def limited() -> Iterator[ServerProcess]:
-    server = launch(
-        ["--max-in-flight", str(MAX_IN_FLIGHT), "--max-num-seqs", str(ENGINE_SEQS),
-         "--drain-timeout", str(DRAIN_TIMEOUT)],
-        name="overload",
-    )  # fmt: skip
-    try:
+def limited(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    args = ["--max-in-flight", str(MAX_IN_FLIGHT), "--max-num-seqs", str(ENGINE_SEQS),
+            "--drain-timeout", str(DRAIN_TIMEOUT)]  # fmt: skip
+    with running(args, "overload", request) as server:
         server.wait_serving()
         yield server
-    finally:
-        server.stop()
-        cleanup_logs(server)
 
 
 async def eventually(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:

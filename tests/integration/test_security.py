@@ -22,7 +22,7 @@ from grpc_status import rpc_status
 from llmgrpc import Client, Security
 
 from tests.certs import Pki, make_pki
-from tests.server_process import ServerProcess, cleanup_logs, launch
+from tests.server_process import ServerProcess, running
 
 TOKENS = ("llmgrpc-e2e-token-one-8c41f0", "llmgrpc-e2e-token-two-2b97de")
 WRONG = "llmgrpc-e2e-wrong-token-51aa3c"
@@ -59,27 +59,26 @@ class Secure:
 
 
 @pytest.fixture(scope="module")
-def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
+def secure(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Secure]:
     directory = tmp_path_factory.mktemp("security")
     pki = make_pki(directory / "pki", "e2e")
     token_file = directory / "tokens"
     token_file.write_text("\n".join(TOKENS) + "\n")
-    server = launch([
+    args = [
         "--tls-cert", str(pki.server.cert), "--tls-key", str(pki.server.key),
         "--tls-client-ca", str(pki.ca.cert), "--auth-token-file", str(token_file),
         "--max-prompt-tokens", str(MAX_PROMPT_TOKENS),
         "--max-tokens-limit", str(MAX_TOKENS_LIMIT),
-    ], name="secure")  # fmt: skip
-    try:
+    ]  # fmt: skip
+    with running(args, "secure", request) as server:
         server.wait_ports()
         secure = Secure(server, pki, token_file)
         # Health is open: no token needed, but the mTLS handshake is.
         with secure.client(token=None) as probe:
             probe.wait_until_serving(timeout=300)
         yield secure
-    finally:
-        server.stop()
-        cleanup_logs(server)
 
 
 def _code(call) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
