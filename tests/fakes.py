@@ -88,7 +88,7 @@ class FakeEngine:
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
 
-    def tokenize(self, text, chat, add_special_tokens):  # type: ignore[no-untyped-def]
+    async def tokenize(self, text, chat, add_special_tokens):  # type: ignore[no-untyped-def]
         text = text or ""
         ids = tuple(b % VOCAB for b in text.encode())
         return domain.Tokenized(
@@ -96,7 +96,7 @@ class FakeEngine:
             text=text, max_model_len=self._limits.max_model_len,
         )  # fmt: skip
 
-    def detokenize(self, token_ids: list[int], skip_special_tokens: bool) -> str:
+    async def detokenize(self, token_ids: list[int], skip_special_tokens: bool) -> str:
         return "".join(chr(32 + t % 90) for t in token_ids)
 
     async def shutdown(self) -> None:

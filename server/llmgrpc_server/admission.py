@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 from llmgrpc_server.errors import Overloaded, Unavailable
 
@@ -53,3 +54,47 @@ class Admission:
             self.in_flight -= 1
             if self.in_flight == 0:
                 self._idle.set()
+
+
+class ConnectionLimit:
+    """At most `per_connection` service calls at once from one client connection.
+
+    gRPC core enforces the same bound as HTTP/2 MAX_CONCURRENT_STREAMS, but
+    a client then queues the excess silently (or, racing a closing stream,
+    gets UNAVAILABLE "Stream removed"). So the server advertises a higher
+    transport bound (`transport_limit`) and refuses the excess here, with a
+    status that names the limit. A connection is a peer address; health and
+    reflection calls are not counted.
+    """
+
+    def __init__(self, per_connection: int, retry_after: float = 1.0) -> None:
+        if per_connection < 1:
+            raise ValueError("per_connection must be >= 1")
+        self.per_connection = per_connection
+        self.retry_after = retry_after
+        self._open: Counter[str] = Counter()
+
+    @property
+    def transport_limit(self) -> int:
+        """The HTTP/2 MAX_CONCURRENT_STREAMS to advertise: room to refuse the excess clearly."""
+        return 2 * self.per_connection
+
+    def open_calls(self, peer: str) -> int:
+        return self._open[peer]
+
+    @contextmanager
+    def hold(self, peer: str) -> Iterator[None]:
+        if self._open[peer] >= self.per_connection:
+            raise Overloaded(
+                f"this connection already has {self.per_connection} calls in flight, the "
+                "server's --max-concurrent-streams; wait for one to end or open another "
+                "connection",
+                retry_after=self.retry_after,
+            )
+        self._open[peer] += 1
+        try:
+            yield
+        finally:
+            self._open[peer] -= 1
+            if not self._open[peer]:
+                del self._open[peer]

@@ -99,7 +99,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     g.add_argument(
         "--max-concurrent-streams", type=int, default=1024,
-        help="HTTP/2 streams per connection; the client queues calls beyond it",
+        help="service calls at once per connection; beyond it: RESOURCE_EXHAUSTED",
     )  # fmt: skip
     g.add_argument(
         "--max-prompt-tokens", type=int, default=None,

@@ -27,7 +27,7 @@ from llmgrpc.v1 import llm_service_pb2_grpc as pb_grpc
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from llmgrpc_server import model_facts
-from llmgrpc_server.admission import Admission
+from llmgrpc_server.admission import Admission, ConnectionLimit
 from llmgrpc_server.auth import TokenAuthInterceptor
 from llmgrpc_server.config import ServerConfig
 from llmgrpc_server.engine_api import Engine
@@ -47,7 +47,10 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
-        ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+        # Above --max-concurrent-streams, so the service can refuse the excess
+        # with a clear status instead of the client queueing it (admission.py).
+        ("grpc.max_concurrent_streams",
+         ConnectionLimit(config.max_concurrent_streams).transport_limit),
         # Long unary calls stay alive under client keepalive pings: accept a
         # ping every 10 s, never count "too many pings" strikes.
         ("grpc.keepalive_permit_without_calls", 1),
@@ -82,7 +85,12 @@ async def start(
     interceptors.append(ServiceInterceptor(grpc_metrics, metrics))
     server = grpc.aio.server(interceptors=interceptors, options=grpc_options(config))
     health_servicer = health.aio.HealthServicer()
-    servicer = LLMServicer(Admission(config.max_in_flight), metrics, config.service_version)
+    servicer = LLMServicer(
+        Admission(config.max_in_flight),
+        ConnectionLimit(config.max_concurrent_streams),
+        metrics,
+        config.service_version,
+    )
     pb_grpc.add_LLMServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

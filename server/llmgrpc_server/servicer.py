@@ -15,7 +15,7 @@ from llmgrpc.v1 import llm_service_pb2 as pb
 from llmgrpc.v1 import llm_service_pb2_grpc as pb_grpc
 
 from llmgrpc_server import convert, domain, model_facts
-from llmgrpc_server.admission import Admission
+from llmgrpc_server.admission import Admission, ConnectionLimit
 from llmgrpc_server.engine_api import Engine
 from llmgrpc_server.errors import InvalidArgument, Unavailable
 from llmgrpc_server.metrics import ServiceMetrics
@@ -27,11 +27,13 @@ class LLMServicer(pb_grpc.LLMServiceServicer):
     def __init__(
         self,
         admission: Admission,
+        connections: ConnectionLimit,
         metrics: ServiceMetrics,
         service_version: str,
     ) -> None:
         self._engine: Engine | None = None
         self._admission = admission
+        self._connections = connections
         self._metrics = metrics
         self._service_version = service_version
 
@@ -59,19 +61,21 @@ class LLMServicer(pb_grpc.LLMServiceServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
-        req = self._request(request, context)
-        async with self._admission.admit():
-            deltas = [d async for d in self._counted(req, "Generate")]
+        with self._connections.hold(context.peer()):
+            req = self._request(request, context)
+            async with self._admission.admit():
+                deltas = [d async for d in self._counted(req, "Generate")]
         return convert.to_generate_response(convert.merge_deltas(deltas))
 
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
-        req = self._request(request, context)
-        async with self._admission.admit():
-            with self._metrics.active_stream():
-                async for delta in self._counted(req, "GenerateStream"):
-                    yield convert.to_generate_response(delta)
+        with self._connections.hold(context.peer()):
+            req = self._request(request, context)
+            async with self._admission.admit():
+                with self._metrics.active_stream():
+                    async for delta in self._counted(req, "GenerateStream"):
+                        yield convert.to_generate_response(delta)
 
     async def _counted(
         self, req: domain.GenerationRequest, method: str
@@ -86,6 +90,10 @@ class LLMServicer(pb_grpc.LLMServiceServicer):
     async def Tokenize(
         self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
     ) -> pb.TokenizeResponse:
+        with self._connections.hold(context.peer()):
+            return await self._tokenize(request)
+
+    async def _tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
         self._metrics.tokenize_called()
         engine = self.engine
         kind = request.WhichOneof("input")
@@ -95,19 +103,26 @@ class LLMServicer(pb_grpc.LLMServiceServicer):
         add_special = (
             request.add_special_tokens if request.HasField("add_special_tokens") else None
         )
-        tokenized = engine.tokenize(request.text if kind == "text" else None, chat, add_special)
+        text = request.text if kind == "text" else None
+        tokenized = await engine.tokenize(text, chat, add_special)
         return convert.to_tokenize_response(tokenized)
 
     async def Detokenize(
         self, request: pb.DetokenizeRequest, context: grpc.aio.ServicerContext
     ) -> pb.DetokenizeResponse:
+        with self._connections.hold(context.peer()):
+            return await self._detokenize(request)
+
+    async def _detokenize(self, request: pb.DetokenizeRequest) -> pb.DetokenizeResponse:
         engine = self.engine
         ids = list(request.token_ids)
         convert.check_token_ids("token_ids", ids, engine.limits.vocab_size)
         skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
-        return pb.DetokenizeResponse(text=engine.detokenize(ids, skip))
+        return pb.DetokenizeResponse(text=await engine.detokenize(ids, skip))
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelInfoResponse:
-        return model_facts.to_model_info_response(self.engine.model_info(), self._service_version)
+        with self._connections.hold(context.peer()):
+            info = self.engine.model_info()
+        return model_facts.to_model_info_response(info, self._service_version)

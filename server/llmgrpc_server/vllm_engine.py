@@ -44,6 +44,7 @@ DEFAULT_MAX_TOKENS = 16
 # Prompts up to this many characters are tokenized on the event loop: a
 # thread hop would cost more than they do.
 INLINE_TOKENIZE_CHARS = 16_384
+INLINE_DETOKENIZE_IDS = 4_096
 # Under load, one message per token costs the front end and its clients more CPU
 # than the engine spends making the token (docs/benchmarks.md): a request that
 # arrives with many others in flight gets up to COALESCE_MAX tokens per message,
@@ -153,7 +154,7 @@ class VllmEngine:
         _check_deadline(request)
         if self.is_dead:
             raise Unavailable("the engine has stopped; retry on another replica")
-        if _input_chars(request) > INLINE_TOKENIZE_CHARS:
+        if _input_chars(request.prompt, request.chat) > INLINE_TOKENIZE_CHARS:
             # About a second per MB: off the event loop, so one huge prompt
             # does not stall every other call and the health checks.
             prompt_ids = await asyncio.to_thread(self._prompt_ids, request)
@@ -190,7 +191,14 @@ class VllmEngine:
         except Exception:  # the engine may already be gone
             log.debug("abort of %s failed", request_id, exc_info=True)
 
-    def tokenize(
+    async def tokenize(
+        self, text: str | None, chat: domain.Chat | None, add_special_tokens: bool | None
+    ) -> domain.Tokenized:
+        if _input_chars(text, chat) > INLINE_TOKENIZE_CHARS:  # off the event loop, as in generate()
+            return await asyncio.to_thread(self._tokenize, text, chat, add_special_tokens)
+        return self._tokenize(text, chat, add_special_tokens)
+
+    def _tokenize(
         self, text: str | None, chat: domain.Chat | None, add_special_tokens: bool | None
     ) -> domain.Tokenized:
         if chat is not None:
@@ -209,7 +217,12 @@ class VllmEngine:
             max_model_len=self._limits.max_model_len,
         )
 
-    def detokenize(self, token_ids: list[int], skip_special_tokens: bool) -> str:
+    async def detokenize(self, token_ids: list[int], skip_special_tokens: bool) -> str:
+        if len(token_ids) > INLINE_DETOKENIZE_IDS:
+            return await asyncio.to_thread(self._detokenize, token_ids, skip_special_tokens)
+        return self._detokenize(token_ids, skip_special_tokens)
+
+    def _detokenize(self, token_ids: list[int], skip_special_tokens: bool) -> str:
         return str(self._tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens))
 
     def model_info(self) -> domain.ModelInfo:
@@ -369,12 +382,8 @@ def _check_deadline(request: domain.GenerationRequest) -> None:
         raise DeadlineExceeded("the request's deadline passed before it started")
 
 
-def _input_chars(request: domain.GenerationRequest) -> int:
-    if request.prompt is not None:
-        return len(request.prompt)
-    if request.chat is not None:
-        return sum(len(turn.content) for turn in request.chat.turns)
-    return 0
+def _input_chars(text: str | None, chat: domain.Chat | None) -> int:
+    return len(text or "") + (sum(len(turn.content) for turn in chat.turns) if chat else 0)
 
 
 def _token_logprob(token: int, entry: dict[int, Any], top_n: int) -> domain.TokenLogprob:
