@@ -7,6 +7,7 @@ catches CancelledError.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -20,6 +21,7 @@ from llmgrpc_server.engine_api import Engine
 from llmgrpc_server.errors import InvalidArgument, Unavailable
 from llmgrpc_server.metrics import ServiceMetrics
 
+INLINE_RESPONSE_TOKENS = 4_096
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LLMService"].full_name
 
 
@@ -105,6 +107,10 @@ class LLMServicer(pb_grpc.LLMServiceServicer):
         )
         text = request.text if kind == "text" else None
         tokenized = await engine.tokenize(text, chat, add_special)
+        if len(tokenized.token_ids) > INLINE_RESPONSE_TOKENS:
+            # One message per offset: seconds for a megabyte of text, so
+            # built off the event loop that answers every other call.
+            return await asyncio.to_thread(convert.to_tokenize_response, tokenized)
         return convert.to_tokenize_response(tokenized)
 
     async def Detokenize(
