@@ -40,6 +40,8 @@ class ServerConfig:
     # None: the model's context is the only bound.
     max_prompt_tokens: int | None = None
     max_tokens_limit: int | None = None
+    # Adaptive coalescing of stream messages under load; 1 turns it off.
+    max_tokens_per_message: int = 8
     models_dir: Path = field(default_factory=lambda: Path.home() / ".cache/llmgrpc/models")
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -62,6 +64,8 @@ class ServerConfig:
                             ("--max-tokens-limit", self.max_tokens_limit)):  # fmt: skip
             if value is not None and value < 1:
                 raise ValueError(f"{flag} must be >= 1, got {value}")
+        if self.max_tokens_per_message < 1:
+            raise ValueError("--max-tokens-per-message must be >= 1")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
@@ -110,6 +114,11 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         help="largest sampling.max_tokens a request may ask (default: the model's context)",
     )  # fmt: skip
     g.add_argument(
+        "--max-tokens-per-message", type=int, default=8,
+        help="under load, stream messages carry up to this many tokens (one more per 4 "
+        "requests in flight); 1: one token per message",
+    )  # fmt: skip
+    g.add_argument(
         "--models-dir", type=Path,
         default=Path(os.environ.get("LLMGRPC_MODELS_DIR", Path.home() / ".cache/llmgrpc/models")),
         help="where embedded models are built (env LLMGRPC_MODELS_DIR)",
@@ -134,6 +143,7 @@ def from_namespace(ns: argparse.Namespace) -> ServerConfig:
         max_concurrent_streams=ns.max_concurrent_streams,
         max_prompt_tokens=ns.max_prompt_tokens,
         max_tokens_limit=ns.max_tokens_limit,
+        max_tokens_per_message=ns.max_tokens_per_message,
         models_dir=ns.models_dir,
         tls_cert=ns.tls_cert,
         tls_key=ns.tls_key,

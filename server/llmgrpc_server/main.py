@@ -68,7 +68,10 @@ async def run(config: server_config.ServerConfig, engine_args: Any) -> int:
     return await server.serve(
         config,
         served_name(engine_args),
-        lambda: VllmEngine.start(engine_args, config.max_prompt_tokens, config.max_tokens_limit),
+        lambda: VllmEngine.start(
+            engine_args, config.max_prompt_tokens, config.max_tokens_limit,
+            config.max_tokens_per_message,
+        ),
         GrpcMetrics(),
     )
 

@@ -47,15 +47,15 @@ INLINE_TOKENIZE_CHARS = 16_384
 INLINE_DETOKENIZE_IDS = 4_096
 # Under load, one message per token costs the front end and its clients more CPU
 # than the engine spends making the token (docs/benchmarks.md): a request that
-# arrives with many others in flight gets up to COALESCE_MAX tokens per message,
-# one more for every COALESCE_STEP requests in flight. vLLM (stream_interval)
-# never holds back the first token nor the last message.
-COALESCE_STEP, COALESCE_MAX = 4, 8
+# arrives with many others in flight gets one more token per message for every
+# COALESCE_STEP requests in flight, up to --max-tokens-per-message (default
+# 8). vLLM (stream_interval) never holds back the first token nor the last message.
+COALESCE_STEP = 4
 
 
-def tokens_per_message(in_flight: int) -> int:
+def tokens_per_message(in_flight: int, cap: int = 8) -> int:
     """How many tokens the messages of a stream carry, given the requests in flight."""
-    return max(1, min(COALESCE_MAX, in_flight // COALESCE_STEP))
+    return max(1, min(cap, in_flight // COALESCE_STEP))
 
 
 _FINISH = {
@@ -101,8 +101,10 @@ class VllmEngine:
     def __init__(
         self, llm: AsyncLLM, model_path: str,
         max_prompt_tokens: int | None = None, max_tokens: int | None = None,
+        max_tokens_per_message: int = 8,
     ) -> None:  # fmt: skip
         self._llm = llm
+        self._max_tokens_per_message = max_tokens_per_message
         self._model_path = model_path
         # The Hugging Face tokenizer itself: vLLM's TokenizerLike protocol omits
         # offsets and chat-template typing that we rely on.
@@ -120,6 +122,7 @@ class VllmEngine:
     async def start(
         cls, args: AsyncEngineArgs,
         max_prompt_tokens: int | None = None, max_tokens: int | None = None,
+        max_tokens_per_message: int = 8,
     ) -> VllmEngine:  # fmt: skip
         """Build the engine; the caps are the operator's (--max-prompt-tokens,
         --max-tokens-limit) on top of the model's context."""
@@ -128,7 +131,7 @@ class VllmEngine:
         # Building the engine blocks for tens of seconds (weights, KV cache,
         # warm-up): keep the event loop free so health checks answer meanwhile.
         llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
-        return cls(llm, str(args.model), max_prompt_tokens, max_tokens)
+        return cls(llm, str(args.model), max_prompt_tokens, max_tokens, max_tokens_per_message)
 
     # --- Engine interface ---------------------------------------------------
 
@@ -321,7 +324,9 @@ class VllmEngine:
             skip_special_tokens=s.skip_special_tokens,
             structured_outputs=_structured(request.structured_output),
             output_kind=RequestOutputKind.DELTA,
-            stream_interval=tokens_per_message(len(self._in_flight)),
+            stream_interval=tokens_per_message(
+                len(self._in_flight), self._max_tokens_per_message
+            ),
         )
 
 

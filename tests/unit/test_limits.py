@@ -78,12 +78,26 @@ def test_flags_reach_the_config() -> None:
     ns = parser.parse_args([
         "--max-prompt-tokens", "100", "--max-tokens-limit", "50",
         "--max-message-bytes", "65536", "--max-concurrent-streams", "8",
+        "--max-tokens-per-message", "1",
     ])  # fmt: skip
     config = server_config.from_namespace(ns)
     assert (config.max_prompt_tokens, config.max_tokens_limit) == (100, 50)
     assert (config.max_message_bytes, config.max_concurrent_streams) == (65536, 8)
+    assert config.max_tokens_per_message == 1
     defaults = server_config.from_namespace(parser.parse_args([]))
     assert defaults.max_prompt_tokens is None and defaults.max_tokens_limit is None
+    assert defaults.max_tokens_per_message == 8
+
+
+@pytest.mark.parametrize(
+    ("in_flight", "cap", "tokens"),
+    [(0, 8, 1), (3, 8, 1), (4, 8, 1), (8, 8, 2), (24, 8, 6), (32, 8, 8), (500, 8, 8),
+     (500, 1, 1), (500, 16, 16), (40, 16, 10)],
+)  # fmt: skip
+def test_tokens_per_message(in_flight: int, cap: int, tokens: int) -> None:
+    from llmgrpc_server.vllm_engine import tokens_per_message  # imports vLLM
+
+    assert tokens_per_message(in_flight, cap) == tokens
 
 
 @pytest.mark.parametrize(
@@ -93,6 +107,7 @@ def test_flags_reach_the_config() -> None:
         ({"max_tokens_limit": -1}, "--max-tokens-limit"),
         ({"max_message_bytes": 100}, "--max-message-bytes"),
         ({"max_concurrent_streams": 0}, "--max-concurrent-streams"),
+        ({"max_tokens_per_message": 0}, "--max-tokens-per-message"),
     ],
 )
 def test_nonsense_limits_are_refused_at_startup(kw: dict[str, int], flag: str) -> None:
