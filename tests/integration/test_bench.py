@@ -49,9 +49,14 @@ async def test_under_load_messages_carry_several_tokens_and_keep_the_contract(
     llama: ServerProcess,
 ) -> None:
     # 24 requests in flight: a new stream gets 6 tokens per message
-    # (vllm_engine.tokens_per_message), or more if it falls behind.
-    async with AsyncClient(llama.target, timeout=300) as client:
-        holders = [client.stream(f"holder {i}", max_tokens=1900, ignore_eos=True)
+    # (vllm_engine.tokens_per_message), or more if it falls behind. The
+    # holders are read by a client with tiny HTTP/2 windows that reads only
+    # their first message: they stay in flight (blocked on flow control)
+    # however fast the engine finishes their tokens.
+    slow = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+    async with AsyncClient(llama.target, timeout=300) as client, \
+            AsyncClient(llama.target, timeout=300, options=slow) as slow_reader:
+        holders = [slow_reader.stream(f"holder {i}", max_tokens=1900, ignore_eos=True)
                    for i in range(24)]  # fmt: skip
         try:
             # All in flight at once (one by one, the first could end under load).
