@@ -390,7 +390,7 @@ def test_fuzzed_requests_end_with_documented_codes_and_leave_nothing_running(
 
         # The server is healthy and serves normally ...
         assert client.health() == "SERVING" and client.health("") == "SERVING"
-        assert client.generate("still fine", max_tokens=3).usage.completion_tokens == 3
+        assert client.generate("still fine", max_tokens=3, ignore_eos=True).usage.completion_tokens == 3
     assert llama.proc is not None and llama.proc.poll() is None
     # ... nothing is left in the engine ...
     assert poll(lambda: value(url, "vllm:num_requests_running") == 0)

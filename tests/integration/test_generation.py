@@ -42,7 +42,7 @@ def test_seeded_sampling_is_reproducible(client: Client) -> None:
 
 
 def test_max_tokens_and_default(client: Client) -> None:
-    assert len(client.generate("Hi", max_tokens=3).token_ids) == 3
+    assert len(client.generate("Hi", max_tokens=3, ignore_eos=True).token_ids) == 3
     default = client.generate("Hi", ignore_eos=True)
     assert default.usage.completion_tokens == 16  # vLLM's default max_tokens
 
@@ -142,4 +142,4 @@ def test_bad_input_is_invalid_argument(client: Client, kwargs: dict, field: str)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
     assert field in e.value.details()
     # The server is unharmed.
-    assert client.generate("ok", max_tokens=2).usage.completion_tokens == 2
+    assert client.generate("ok", max_tokens=2, ignore_eos=True).usage.completion_tokens == 2
