@@ -56,7 +56,7 @@ lint: install
 	.tools/node_modules/.bin/buf lint
 
 proto:
-	$(BIN)/python setup.py -q build_proto
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python setup.py -q build_proto
 
 models:
 	$(BIN)/python -m llmgrpc_server.models

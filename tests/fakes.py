@@ -16,7 +16,7 @@ class FakeEngine:
     """Echoes: token i of the output is the i-th prompt byte (mod VOCAB)."""
 
     def __init__(self, step_delay: float = 0.0, max_model_len: int = 64) -> None:
-        self._limits = Limits(vocab_size=VOCAB, max_model_len=max_model_len)
+        self._limits = Limits(vocab_size=VOCAB, max_model_len=max_model_len, model_names=("fake",))
         self.step_delay = step_delay
         self.running: set[str] = set()
         self.aborted: list[str] = []

@@ -90,10 +90,13 @@ def generate_request(
     regex: str | None = None,
     choice: Sequence[str] | None = None,
     grammar: str | None = None,
+    model: str = "",
     **sampling: Any,
 ) -> pb.GenerateRequest:
     """Build a GenerateRequest; `sampling` takes SamplingParams field names."""
-    req = pb.GenerateRequest(request_id=request_id, sampling=pb.SamplingParams(**sampling))
+    req = pb.GenerateRequest(
+        request_id=request_id, model=model, sampling=pb.SamplingParams(**sampling)
+    )
     if prompt is not None:
         req.prompt = prompt
     elif prompt_token_ids is not None:
@@ -124,8 +127,9 @@ def tokenize_request(
     *,
     messages: Sequence[tuple[str, str] | dict[str, str]] | None = None,
     add_special_tokens: bool | None = None,
+    model: str = "",
 ) -> pb.TokenizeRequest:
-    req = pb.TokenizeRequest()
+    req = pb.TokenizeRequest(model=model)
     if messages is not None:
         req.chat.CopyFrom(chat_input(messages))
     else:

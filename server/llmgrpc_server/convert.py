@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from llmgrpc.v1 import llm_service_pb2 as pb
 
 from llmgrpc_server import domain
-from llmgrpc_server.errors import FailedPrecondition, InvalidArgument, PromptTooLong
+from llmgrpc_server.errors import FailedPrecondition, InvalidArgument, NotFound, PromptTooLong
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,9 @@ class Limits:
     max_stop_strings: int = 16
     max_request_id_len: int = 256
     has_chat_template: bool = True
+    # The names a request may ask for (vLLM's served model names); a request
+    # that names none is served too.
+    model_names: tuple[str, ...] = ()
     # The operator's caps (--max-prompt-tokens, --max-tokens-limit); None: the
     # model's context is the only bound.
     max_prompt_tokens_cap: int | None = None
@@ -69,9 +72,17 @@ def _prompt_limit_source(limits: Limits) -> str:
 # --- requests -----------------------------------------------------------------
 
 
+def check_model(name: str, limits: Limits) -> None:
+    """NotFound unless `name` is empty or one of the served model names."""
+    if name and name not in limits.model_names:
+        served = ", ".join(repr(n) for n in limits.model_names) or "no named model"
+        raise NotFound(f"model {name!r} is not served here; this server serves {served}")
+
+
 def to_generation_request(
     msg: pb.GenerateRequest, limits: Limits, deadline: float | None = None
 ) -> domain.GenerationRequest:
+    check_model(msg.model, limits)
     if len(msg.request_id) > limits.max_request_id_len:
         raise InvalidArgument(
             "request_id",

@@ -98,6 +98,7 @@ class LLMServicer(pb_grpc.LLMServiceServicer):
     async def _tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
         self._metrics.tokenize_called()
         engine = self.engine
+        convert.check_model(request.model, engine.limits)
         kind = request.WhichOneof("input")
         if kind is None:
             raise InvalidArgument("input", "one of text or chat is required")

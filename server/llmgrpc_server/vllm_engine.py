@@ -116,6 +116,7 @@ class VllmEngine:
             max_model_len=config.max_model_len,
             max_logprobs=config.max_logprobs,
             has_chat_template=bool(getattr(self._tokenizer, "chat_template", None)),
+            model_names=_served_names(config.served_model_name, config.model),
         ).capped(max_prompt_tokens, max_tokens)
 
     @classmethod
@@ -385,6 +386,12 @@ def _client_message(error: Exception) -> str:
 def _check_deadline(request: domain.GenerationRequest) -> None:
     if request.deadline is not None and time.monotonic() >= request.deadline:
         raise DeadlineExceeded("the request's deadline passed before it started")
+
+
+def _served_names(served: str | list[str] | None, model: str) -> tuple[str, ...]:
+    if not served:
+        return (model,)
+    return (served,) if isinstance(served, str) else tuple(served)
 
 
 def _input_chars(text: str | None, chat: domain.Chat | None) -> int:

@@ -143,3 +143,16 @@ def test_bad_input_is_invalid_argument(client: Client, kwargs: dict, field: str)
     assert field in e.value.details()
     # The server is unharmed.
     assert client.generate("ok", max_tokens=2, ignore_eos=True).usage.completion_tokens == 2
+
+
+def test_the_served_name_selects_the_model_and_another_is_not_found(client: Client) -> None:
+    name = client.model_info().model_name
+    assert name == "tiny-llama-gqa"
+    assert client.generate("Hi", max_tokens=2, ignore_eos=True, model=name).usage.completion_tokens == 2
+    assert client.tokenize("Hi", model=name).token_ids
+    for call in (lambda: client.generate("Hi", max_tokens=2, model="tiny-mixtral-moe"),
+                 lambda: client.tokenize("Hi", model="Llama-3.1-8B-Instruct")):  # fmt: skip
+        with pytest.raises(grpc.RpcError) as e:
+            call()
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "this server serves 'tiny-llama-gqa'" in e.value.details()

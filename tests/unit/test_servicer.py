@@ -229,3 +229,23 @@ async def test_metrics_count_started_handled_and_messages(fake: FakeServer, clie
     assert fake.metric("grpc_server_msg_sent_total", labels) == 4
     assert fake.metric("grpc_server_handling_seconds_count", labels) == 1
     assert fake.metric("llmgrpc_streamed_tokens_total", {"model_name": "fake"}) == 4
+
+
+async def test_a_model_this_server_does_not_serve_is_not_found(fake: FakeServer) -> None:
+    async with AsyncClient(fake.target) as c:
+        for call in (
+            lambda: c.generate("hi", max_tokens=1, model="llama-3-70b"),
+            lambda: c.stream("hi", max_tokens=1, model="llama-3-70b").__anext__(),
+            lambda: c.tokenize("hi", model="llama-3-70b"),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await call()
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            assert e.value.details() == (
+                "model 'llama-3-70b' is not served here; this server serves 'fake'"
+            )
+        # Its served name, or no name, is this model.
+        assert (await c.generate("hi", max_tokens=1, model="fake")).token_ids
+        assert (await c.generate("hi", max_tokens=1)).token_ids
+        assert (await c.tokenize("hi", model="fake")).token_ids
+    assert not fake.engine.running
