@@ -47,7 +47,7 @@ BATCH = 8  # requests per example, sent CONCURRENCY at a time
 CONCURRENCY = 4
 MIN_REQUESTS = 2000
 TIMEOUT = 60.0  # a call still running after this is a hang, not load
-ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT}
+ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}
 VOCAB = 512  # tiny-llama-gqa; checked against GetModelInfo below
 MAX_MODEL_LEN = 2048
 
@@ -58,6 +58,7 @@ I64 = st.integers(-(2**63), 2**63 - 1)
 F32 = st.floats(width=32)  # NaN, ±inf, subnormals, huge, negative
 CHARS = st.characters(blacklist_categories=("Cs",))  # protobuf strings are valid UTF-8
 TEXT = st.text(CHARS, max_size=48)
+MODEL = st.one_of(st.just(""), st.just("tiny-llama-gqa"), TEXT)  # others: NOT_FOUND
 HUGE_TEXT = st.builds(lambda s, n: s * n, st.text(CHARS, min_size=1, max_size=6),
                       st.integers(500, 12_000))  # fmt: skip
 IDS = st.one_of(
@@ -192,7 +193,7 @@ def chat(draw: st.DrawFn) -> pb.ChatInput:
 
 @st.composite
 def generate_requests(draw: st.DrawFn) -> pb.GenerateRequest:
-    msg = pb.GenerateRequest()
+    msg = pb.GenerateRequest(model=draw(MODEL))
     # Unique ids (no ALREADY_EXISTS); some are longer than the 256 allowed.
     msg.request_id = draw(st.one_of(st.just(""), TEXT.map(lambda s: f"{s}-{uuid.uuid4().hex}"),
                                     st.text(CHARS, min_size=257, max_size=300)))  # fmt: skip
@@ -219,7 +220,7 @@ def generate_requests(draw: st.DrawFn) -> pb.GenerateRequest:
 
 @st.composite
 def tokenize_requests(draw: st.DrawFn) -> pb.TokenizeRequest:
-    msg = pb.TokenizeRequest()
+    msg = pb.TokenizeRequest(model=draw(MODEL))
     kind = draw(st.sampled_from(["text", "chat", "none"]))
     if kind == "text":
         msg.text = draw(st.one_of(TEXT, HUGE_TEXT))
