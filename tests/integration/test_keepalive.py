@@ -18,6 +18,7 @@ which kills the call. The server's `grpc_options` accept them:
 from __future__ import annotations
 
 import asyncio
+import statistics
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -142,15 +143,17 @@ def _parallel_generations(target: str, n: int) -> list[float]:
 
 
 def test_real_server_long_unary_generations_under_pings(llama: ServerProcess) -> None:
-    """Batches of concurrent long generations, doubled until every call of a
-    batch stays open for MIN_SECONDS: at a ping a second that is well past
-    the default policy's third strike (the control above dies at ~5 s)."""
+    """Batches of concurrent long generations, doubled until most calls of a
+    batch stay open for MIN_SECONDS: at a ping a second that is well past the
+    default policy's third strike (the control above dies at ~5 s). Each call
+    has its own pinging connection, so each long one is a proof on its own;
+    all must succeed. (Not every call: the first started finish first, 2.9 s
+    of 32 calls on an idle machine, when the rest took 7.1 s.)"""
     durations: list[float] = []
-    for n in (16, 32):
-        durations = _parallel_generations(llama.target, n)
-        print(
-            f"\n{n} calls of 1900 tokens under pings: {min(durations):.1f}-{max(durations):.1f} s"
-        )
-        if min(durations) >= MIN_SECONDS:
+    for n in (16, 32, 64):
+        durations = sorted(_parallel_generations(llama.target, n))
+        print(f"\n{n} calls of 1900 tokens under pings: {durations[0]:.1f}-{durations[-1]:.1f} s")
+        if statistics.median(durations) >= MIN_SECONDS:
             break
-    assert min(durations) >= MIN_SECONDS, f"calls too short to prove anything: {durations}"
+    long_calls = sum(d >= MIN_SECONDS for d in durations)
+    assert long_calls >= len(durations) / 2, f"calls too short to prove anything: {durations}"
