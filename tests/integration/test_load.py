@@ -38,11 +38,13 @@ DOCUMENTED_UNDER_LOAD = {
     grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 SOAK_SECONDS = float(os.environ.get("LLMGRPC_SOAK_SECONDS", "180"))
+PER_CONNECTION = 300  # --max-concurrent-streams: above the load test's 256
 
 
 @pytest.fixture(scope="module")
 def loaded(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
-    with running(["--max-in-flight", "512"], "load", request) as server:
+    args = ["--max-in-flight", "512", "--max-concurrent-streams", str(PER_CONNECTION)]
+    with running(args, "load", request) as server:
         server.wait_serving()
         yield server
 
@@ -199,6 +201,34 @@ async def soak_traffic(client: AsyncClient, rng: random.Random, until: float,
             outcomes[kind] += 1
         except grpc.aio.AioRpcError as e:
             outcomes[f"{kind} {e.code().name}"] += 1
+
+
+async def test_calls_beyond_the_per_connection_limit_are_refused(loaded: ServerProcess) -> None:
+    """--max-concurrent-streams on the real server: with 300 calls open on one
+    connection the next is refused at once with RESOURCE_EXHAUSTED naming the
+    flag, while another connection is served."""
+    url = loaded.metrics_url
+    slow = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+    async with AsyncClient(loaded.target, options=slow) as holder:
+        req = generate_request("Hold", max_tokens=2000, ignore_eos=True)
+        held = [holder.stub.GenerateStream(req, timeout=CALL_TIMEOUT) for _ in range(PER_CONNECTION)]
+        try:
+            assert await eventually(lambda: value(url, "llmgrpc_active_streams") == PER_CONNECTION)
+            start = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await holder.generate("one more", max_tokens=1, timeout=30)
+            refused_in = time.monotonic() - start
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert f"already has {PER_CONNECTION} calls in flight" in (e.value.details() or "")
+            assert "--max-concurrent-streams" in (e.value.details() or "")
+            async with AsyncClient(loaded.target) as other:
+                assert (await other.generate("other", max_tokens=2, ignore_eos=True)).token_ids
+        finally:
+            for call in held:
+                call.cancel()
+        print(f"\ncall {PER_CONNECTION + 1} on one connection refused in {refused_in * 1000:.0f} ms")
+    assert await eventually(lambda: value(url, "llmgrpc_active_streams") == 0)
+    assert await eventually(lambda: value(url, "vllm:num_requests_running") == 0)
 
 
 async def test_soak_memory_and_fds_stay_flat(loaded: ServerProcess) -> None:
