@@ -28,6 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 SERVER = Path(sys.executable).parent / "llmgrpc-server"
 _GRPC_PORT = re.compile(r"gRPC listening on port (\d+)")
 _METRICS_PORT = re.compile(r"metrics listening on port (\d+)")
+# Client channel options for a reader that stalls the server: with tiny HTTP/2
+# windows, a stream it does not read keeps its handler (and its admission slot)
+# waiting on flow control, however fast the engine is.
+SLOW_READER = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
 STARTUP_TIMEOUT = float(os.environ.get("LLMGRPC_TEST_STARTUP_TIMEOUT", "300"))
 
 

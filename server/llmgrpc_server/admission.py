@@ -56,13 +56,18 @@ class Admission:
                 self._idle.set()
 
 
+def transport_streams(per_connection: int) -> int:
+    """The HTTP/2 MAX_CONCURRENT_STREAMS to advertise: room to refuse the excess clearly."""
+    return 2 * per_connection
+
+
 class ConnectionLimit:
     """At most `per_connection` service calls at once from one client connection.
 
     gRPC core enforces the same bound as HTTP/2 MAX_CONCURRENT_STREAMS, but
     a client then queues the excess silently (or, racing a closing stream,
     gets UNAVAILABLE "Stream removed"). So the server advertises a higher
-    transport bound (`transport_limit`) and refuses the excess here, with a
+    transport bound (`transport_streams`) and refuses the excess here, with a
     status that names the limit. A connection is a peer address; health and
     reflection calls are not counted.
     """
@@ -73,14 +78,6 @@ class ConnectionLimit:
         self.per_connection = per_connection
         self.retry_after = retry_after
         self._open: Counter[str] = Counter()
-
-    @property
-    def transport_limit(self) -> int:
-        """The HTTP/2 MAX_CONCURRENT_STREAMS to advertise: room to refuse the excess clearly."""
-        return 2 * self.per_connection
-
-    def open_calls(self, peer: str) -> int:
-        return self._open[peer]
 
     @contextmanager
     def hold(self, peer: str) -> Iterator[None]:

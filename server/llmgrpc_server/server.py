@@ -27,7 +27,7 @@ from llmgrpc.v1 import llm_service_pb2_grpc as pb_grpc
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from llmgrpc_server import model_facts
-from llmgrpc_server.admission import Admission, ConnectionLimit
+from llmgrpc_server.admission import Admission, ConnectionLimit, transport_streams
 from llmgrpc_server.auth import TokenAuthInterceptor
 from llmgrpc_server.config import ServerConfig
 from llmgrpc_server.engine_api import Engine
@@ -49,8 +49,7 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.max_send_message_length", config.max_message_bytes),
         # Above --max-concurrent-streams, so the service can refuse the excess
         # with a clear status instead of the client queueing it (admission.py).
-        ("grpc.max_concurrent_streams",
-         ConnectionLimit(config.max_concurrent_streams).transport_limit),
+        ("grpc.max_concurrent_streams", transport_streams(config.max_concurrent_streams)),
         # Long unary calls stay alive under client keepalive pings: accept a
         # ping every 10 s, never count "too many pings" strikes.
         ("grpc.keepalive_permit_without_calls", 1),

@@ -11,7 +11,7 @@ from pathlib import Path
 from llmgrpc import AsyncClient
 from llmgrpc.v1 import llm_service_pb2 as pb
 
-from tests.server_process import ServerProcess
+from tests.server_process import SLOW_READER, ServerProcess
 
 LLMGRPC = Path(sys.executable).parent / "llmgrpc"
 
@@ -53,9 +53,8 @@ async def test_under_load_messages_carry_several_tokens_and_keep_the_contract(
     # holders are read by a client with tiny HTTP/2 windows that reads only
     # their first message: they stay in flight (blocked on flow control)
     # however fast the engine finishes their tokens.
-    slow = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
     async with AsyncClient(llama.target, timeout=300) as client, \
-            AsyncClient(llama.target, timeout=300, options=slow) as slow_reader:
+            AsyncClient(llama.target, timeout=300, options=SLOW_READER) as slow_reader:
         holders = [slow_reader.stream(f"holder {i}", max_tokens=1900, ignore_eos=True)
                    for i in range(24)]  # fmt: skip
         try:

@@ -12,11 +12,8 @@ from llmgrpc.client import generate_request
 from llmgrpc.v1 import llm_service_pb2 as pb
 
 from tests.metrics_scrape import scrape, value
-from tests.server_process import ServerProcess, running
+from tests.server_process import SLOW_READER, ServerProcess, running
 from tests.waiting import poll
-
-# A client whose unread streams stall the server on HTTP/2 flow control.
-SLOW_READER = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
 
 
 def test_kv_cache_rises_in_flight_and_cancel_frees_it(llama: ServerProcess) -> None:

@@ -25,7 +25,7 @@ from llmgrpc.client import generate_request
 from llmgrpc.v1 import llm_service_pb2 as pb
 
 from tests.metrics_scrape import value
-from tests.server_process import ServerProcess, running
+from tests.server_process import SLOW_READER, ServerProcess, running
 from tests.waiting import eventually
 
 SEED = 20261125
@@ -208,8 +208,7 @@ async def test_calls_beyond_the_per_connection_limit_are_refused(loaded: ServerP
     connection the next is refused at once with RESOURCE_EXHAUSTED naming the
     flag, while another connection is served."""
     url = loaded.metrics_url
-    slow = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
-    async with AsyncClient(loaded.target, options=slow) as holder:
+    async with AsyncClient(loaded.target, options=SLOW_READER) as holder:
         req = generate_request("Hold", max_tokens=2000, ignore_eos=True)
         held = [holder.stub.GenerateStream(req, timeout=CALL_TIMEOUT) for _ in range(PER_CONNECTION)]
         try:

@@ -36,7 +36,7 @@ from llmgrpc_server.metrics_http import RENDER_MAX_AGE
 
 from tests import waiting
 from tests.metrics_scrape import scrape, value
-from tests.server_process import ServerProcess, running
+from tests.server_process import SLOW_READER, ServerProcess, running
 
 MAX_IN_FLIGHT = 64
 ENGINE_SEQS = 1
@@ -106,8 +106,7 @@ def slow_reader(target: str) -> AsyncClient:
     A stream it does not read holds its admission slot (the handler waits on
     flow control) for as long as the test wants, however fast the engine is.
     """
-    return AsyncClient(target, options=[("grpc.http2.lookahead_bytes", 1024),
-                                         ("grpc.http2.bdp_probe", 0)])  # fmt: skip
+    return AsyncClient(target, options=SLOW_READER)
 
 
 async def occupy(
