@@ -24,8 +24,11 @@ def test_kv_cache_rises_in_flight_and_cancel_frees_it(llama: ServerProcess) -> N
     # an idle machine finished all 16,000 tokens before the cancel arrived.
     n, max_tokens = 64, 2000
     with Client(llama.target) as client:
-        streams = [client.stream("Tell me a long story", max_tokens=max_tokens, ignore_eos=True)
-                   for _ in range(n)]  # fmt: skip
+        # All n calls start at once (the stub's call objects start on
+        # creation; Client.stream starts its call lazily, on the first read,
+        # and reading them one by one let the first ones run for seconds).
+        request = generate_request("Tell me a long story", max_tokens=max_tokens, ignore_eos=True)
+        streams = [client.stub.GenerateStream(request, timeout=300) for _ in range(n)]
         for s in streams:
             next(s)
 
@@ -38,7 +41,7 @@ def test_kv_cache_rises_in_flight_and_cancel_frees_it(llama: ServerProcess) -> N
 
         assert poll(holding, 20)
         for s in streams:
-            s.close()  # cancels the call
+            s.cancel()
         # ... and cancelling them aborts them in the engine, long before they
         # could have finished, and frees every block.
         assert poll(lambda: value(url, "vllm:num_requests_running") == 0)
