@@ -7,12 +7,15 @@ It wraps unary and streaming handlers alike:
    a request that does not parse (corrupt wire bytes, invalid UTF-8 in a
    string field) is INVALID_ARGUMENT, not grpc's own UNKNOWN;
 3. records the final code, the duration and the messages sent, including for
-   calls that the client cancelled or whose deadline expired.
+   calls that the client cancelled or whose deadline expired;
+4. holds a place in the per-connection limit for the calls of the limited
+   services (LLMService; not health or reflection) while they run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
@@ -22,6 +25,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from llmgrpc_server.admission import ConnectionLimit
 from llmgrpc_server.errors import InvalidArgument, ServiceError, to_status
 from llmgrpc_server.metrics import GrpcMetrics, ServiceMetrics
 
@@ -97,9 +101,25 @@ class _Call:
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, grpc_metrics: GrpcMetrics, service_metrics: ServiceMetrics) -> None:
+    def __init__(
+        self,
+        grpc_metrics: GrpcMetrics,
+        service_metrics: ServiceMetrics,
+        connections: ConnectionLimit | None = None,
+        limited_services: frozenset[str] = frozenset(),
+    ) -> None:
         self._grpc = grpc_metrics
         self._service = service_metrics
+        self._connections = connections
+        self._limited = limited_services
+
+    def _place(
+        self, call: _Call, context: grpc.aio.ServicerContext
+    ) -> contextlib.AbstractContextManager[None]:
+        """The call's place in its connection's limit (none for unlimited services)."""
+        if self._connections is None or call.service not in self._limited:
+            return contextlib.nullcontext()
+        return self._connections.hold(context.peer())
 
     async def intercept_service(
         self,
@@ -136,7 +156,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             try:
                 if isinstance(request, _Undecodable):
                     raise request.error
-                response = await behavior(request, context)
+                with self._place(call, context):
+                    response = await behavior(request, context)
                 self._grpc.msg_sent.labels(*call.labels).inc()
                 return response
             except BaseException as e:
@@ -158,9 +179,10 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             try:
                 if isinstance(request, _Undecodable):
                     raise request.error
-                async for response in behavior(request, context):
-                    yield response
-                    sent.inc()
+                with self._place(call, context):
+                    async for response in behavior(request, context):
+                        yield response
+                        sent.inc()
             except BaseException as e:
                 await self._fail(call, context, e)
                 raise

@@ -81,12 +81,18 @@ async def start(
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if config.auth_tokens:
         interceptors.append(TokenAuthInterceptor(config.auth_tokens))
-    interceptors.append(ServiceInterceptor(grpc_metrics, metrics))
+    interceptors.append(
+        ServiceInterceptor(
+            grpc_metrics,
+            metrics,
+            ConnectionLimit(config.max_concurrent_streams),
+            frozenset({SERVICE_NAME}),
+        )
+    )
     server = grpc.aio.server(interceptors=interceptors, options=grpc_options(config))
     health_servicer = health.aio.HealthServicer()
     servicer = LLMServicer(
         Admission(config.max_in_flight),
-        ConnectionLimit(config.max_concurrent_streams),
         metrics,
         config.service_version,
     )

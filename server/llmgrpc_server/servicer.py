@@ -16,7 +16,7 @@ from llmgrpc.v1 import llm_service_pb2 as pb
 from llmgrpc.v1 import llm_service_pb2_grpc as pb_grpc
 
 from llmgrpc_server import convert, domain, model_facts
-from llmgrpc_server.admission import Admission, ConnectionLimit
+from llmgrpc_server.admission import Admission
 from llmgrpc_server.engine_api import Engine
 from llmgrpc_server.errors import InvalidArgument, Unavailable
 from llmgrpc_server.metrics import ServiceMetrics
@@ -29,13 +29,11 @@ class LLMServicer(pb_grpc.LLMServiceServicer):
     def __init__(
         self,
         admission: Admission,
-        connections: ConnectionLimit,
         metrics: ServiceMetrics,
         service_version: str,
     ) -> None:
         self._engine: Engine | None = None
         self._admission = admission
-        self._connections = connections
         self._metrics = metrics
         self._service_version = service_version
 
@@ -63,21 +61,19 @@ class LLMServicer(pb_grpc.LLMServiceServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
-        with self._connections.hold(context.peer()):
-            req = self._request(request, context)
-            async with self._admission.admit():
-                deltas = [d async for d in self._counted(req, "Generate")]
+        req = self._request(request, context)
+        async with self._admission.admit():
+            deltas = [d async for d in self._counted(req, "Generate")]
         return convert.to_generate_response(convert.merge_deltas(deltas))
 
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
-        with self._connections.hold(context.peer()):
-            req = self._request(request, context)
-            async with self._admission.admit():
-                with self._metrics.active_stream():
-                    async for delta in self._counted(req, "GenerateStream"):
-                        yield convert.to_generate_response(delta)
+        req = self._request(request, context)
+        async with self._admission.admit():
+            with self._metrics.active_stream():
+                async for delta in self._counted(req, "GenerateStream"):
+                    yield convert.to_generate_response(delta)
 
     async def _counted(
         self, req: domain.GenerationRequest, method: str
@@ -92,10 +88,6 @@ class LLMServicer(pb_grpc.LLMServiceServicer):
     async def Tokenize(
         self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
     ) -> pb.TokenizeResponse:
-        with self._connections.hold(context.peer()):
-            return await self._tokenize(request)
-
-    async def _tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
         self._metrics.tokenize_called()
         engine = self.engine
         convert.check_model(request.model, engine.limits)
@@ -117,10 +109,6 @@ class LLMServicer(pb_grpc.LLMServiceServicer):
     async def Detokenize(
         self, request: pb.DetokenizeRequest, context: grpc.aio.ServicerContext
     ) -> pb.DetokenizeResponse:
-        with self._connections.hold(context.peer()):
-            return await self._detokenize(request)
-
-    async def _detokenize(self, request: pb.DetokenizeRequest) -> pb.DetokenizeResponse:
         engine = self.engine
         ids = list(request.token_ids)
         convert.check_token_ids("token_ids", ids, engine.limits.vocab_size)
@@ -130,6 +118,4 @@ class LLMServicer(pb_grpc.LLMServiceServicer):
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelInfoResponse:
-        with self._connections.hold(context.peer()):
-            info = self.engine.model_info()
-        return model_facts.to_model_info_response(info, self._service_version)
+        return model_facts.to_model_info_response(self.engine.model_info(), self._service_version)
