@@ -18,11 +18,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llmgrpc import Client  # noqa: E402
+from llmgrpc import Client
 
-from tests import promql  # noqa: E402
-from tests.metrics_scrape import scrape  # noqa: E402
-from tests.server_process import cleanup_logs, launch  # noqa: E402
+from tests import promql
+from tests.metrics_scrape import scrape
+from tests.server_process import cleanup_logs, launch
 
 PREFIX = "A shared prefix so that the prefix cache has whole blocks to hit. " * 12
 GAUGES = ("vllm:kv_cache_usage_perc", "vllm:num_requests_running", "vllm:num_requests_waiting")

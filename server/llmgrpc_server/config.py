@@ -83,26 +83,26 @@ class ServerConfig:
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("llmgrpc server")
-    g.add_argument("--host", default="[::]", help="address to bind (default: all)")
+    g.add_argument("--host", default=ServerConfig.host, help="address to bind (default: all)")
     g.add_argument("--port", type=int, default=DEFAULT_PORT, help="gRPC port (0: any free port)")
     g.add_argument(
         "--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
         help="HTTP port of /metrics (0: any free port, -1: disabled)",
     )  # fmt: skip
     g.add_argument(
-        "--drain-timeout", type=float, default=30.0,
+        "--drain-timeout", type=float, default=ServerConfig.drain_timeout,
         help="seconds in-flight calls get to finish after SIGTERM",
     )  # fmt: skip
     g.add_argument(
-        "--max-in-flight", type=int, default=256,
+        "--max-in-flight", type=int, default=ServerConfig.max_in_flight,
         help="generation requests in flight before RESOURCE_EXHAUSTED",
     )  # fmt: skip
     g.add_argument(
-        "--max-message-bytes", type=int, default=16 * 1024 * 1024,
+        "--max-message-bytes", type=int, default=ServerConfig.max_message_bytes,
         help="largest request or response message; larger: RESOURCE_EXHAUSTED",
     )  # fmt: skip
     g.add_argument(
-        "--max-concurrent-streams", type=int, default=1024,
+        "--max-concurrent-streams", type=int, default=ServerConfig.max_concurrent_streams,
         help="service calls at once per connection; beyond it: RESOURCE_EXHAUSTED",
     )  # fmt: skip
     g.add_argument(
@@ -114,7 +114,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         help="largest sampling.max_tokens a request may ask (default: the model's context)",
     )  # fmt: skip
     g.add_argument(
-        "--max-tokens-per-message", type=int, default=8,
+        "--max-tokens-per-message", type=int, default=ServerConfig.max_tokens_per_message,
         help="under load, stream messages carry up to this many tokens (one more per 4 "
         "requests in flight); 1: one token per message",
     )  # fmt: skip

@@ -69,8 +69,10 @@ async def run(config: server_config.ServerConfig, engine_args: Any) -> int:
         config,
         served_name(engine_args),
         lambda: VllmEngine.start(
-            engine_args, config.max_prompt_tokens, config.max_tokens_limit,
-            config.max_tokens_per_message,
+            engine_args,
+            max_prompt_tokens=config.max_prompt_tokens,
+            max_tokens=config.max_tokens_limit,
+            max_tokens_per_message=config.max_tokens_per_message,
         ),
         GrpcMetrics(),
     )

@@ -48,12 +48,12 @@ INLINE_DETOKENIZE_IDS = 4_096
 # Under load, one message per token costs the front end and its clients more CPU
 # than the engine spends making the token (docs/benchmarks.md): a request that
 # arrives with many others in flight gets one more token per message for every
-# COALESCE_STEP requests in flight, up to --max-tokens-per-message (default
-# 8). vLLM (stream_interval) never holds back the first token nor the last message.
+# COALESCE_STEP requests in flight, up to --max-tokens-per-message. vLLM
+# (stream_interval) never holds back the first token nor the last message.
 COALESCE_STEP = 4
 
 
-def tokens_per_message(in_flight: int, cap: int = 8) -> int:
+def tokens_per_message(in_flight: int, cap: int) -> int:
     """How many tokens the messages of a stream carry, given the requests in flight."""
     return max(1, min(cap, in_flight // COALESCE_STEP))
 
@@ -99,9 +99,8 @@ class VllmEngine:
     """AsyncLLM behind the `engine_api.Engine` interface."""
 
     def __init__(
-        self, llm: AsyncLLM, model_path: str,
-        max_prompt_tokens: int | None = None, max_tokens: int | None = None,
-        max_tokens_per_message: int = 8,
+        self, llm: AsyncLLM, model_path: str, *,
+        max_prompt_tokens: int | None, max_tokens: int | None, max_tokens_per_message: int,
     ) -> None:  # fmt: skip
         self._llm = llm
         self._max_tokens_per_message = max_tokens_per_message
@@ -121,9 +120,8 @@ class VllmEngine:
 
     @classmethod
     async def start(
-        cls, args: AsyncEngineArgs,
-        max_prompt_tokens: int | None = None, max_tokens: int | None = None,
-        max_tokens_per_message: int = 8,
+        cls, args: AsyncEngineArgs, *,
+        max_prompt_tokens: int | None, max_tokens: int | None, max_tokens_per_message: int,
     ) -> VllmEngine:  # fmt: skip
         """Build the engine; the caps are the operator's (--max-prompt-tokens,
         --max-tokens-limit) on top of the model's context."""
@@ -132,7 +130,13 @@ class VllmEngine:
         # Building the engine blocks for tens of seconds (weights, KV cache,
         # warm-up): keep the event loop free so health checks answer meanwhile.
         llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
-        return cls(llm, str(args.model), max_prompt_tokens, max_tokens, max_tokens_per_message)
+        return cls(
+            llm,
+            str(args.model),
+            max_prompt_tokens=max_prompt_tokens,
+            max_tokens=max_tokens,
+            max_tokens_per_message=max_tokens_per_message,
+        )
 
     # --- Engine interface ---------------------------------------------------
 

@@ -380,7 +380,9 @@ async def test_adapter_refuses_a_request_whose_deadline_has_passed() -> None:
         def generate(self, *args: object) -> object:
             raise AssertionError("a request past its deadline reached the engine")
 
-    engine = VllmEngine(StubLLM(), "stub")  # type: ignore[arg-type]
+    engine = VllmEngine(  # type: ignore[arg-type]
+        StubLLM(), "stub", max_prompt_tokens=None, max_tokens=None, max_tokens_per_message=1
+    )
     request = domain.GenerationRequest("r1", prompt="hi", deadline=time.monotonic() - 0.001)
     with pytest.raises(DeadlineExceeded):
         async for _ in engine.generate(request):
