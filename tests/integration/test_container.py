@@ -8,9 +8,10 @@ a volume for the model-cache PVC, /dev/shm sized like the overlay), must turn
 SERVING through the image's own HEALTHCHECK, generate a token for a client on
 the host, export vLLM metrics, and exit cleanly on SIGTERM.
 
-Runtime here (2 cores): ~5 min to build from scratch (debootstrap ~40 s,
-pip ~3 min, layers ~1 min; ~1 min when cached), ~2 min from start to SERVING
-(inductor compiles the model on first start), seconds for the rest.
+Runtime here (2 cores): ~5-10 min to build from scratch (debootstrap ~40 s,
+pip most of the rest; ~2 min when cached), under a minute from start to
+SERVING (the image runs the engine eagerly: it has no compiler), seconds for
+the rest.
 Needs root, podman, debootstrap and runc: installed with apt-get when missing.
 """
 
