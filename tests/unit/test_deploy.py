@@ -86,6 +86,14 @@ def render(directory: pathlib.Path) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
+def test_renderer_is_kustomize_v5() -> None:
+    """The overlays use kustomize v5 syntax (`patches:`, components); v4 renders them differently."""
+    result = subprocess.run([_kubectl(), "version", "--client"], capture_output=True, text=True,
+                            timeout=60, check=True)  # fmt: skip
+    version = re.search(r"Kustomize Version:\s*v(\d+)\.", result.stdout)
+    assert version and version.group(1) == "5", result.stdout
+
+
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, list[dict[str, Any]]]:
     return {name: render(K8S / "overlays" / name) for name in OVERLAYS}
