@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -140,17 +141,16 @@ async def serve(
         return 0
     running.servicer.attach(engine)
     running.metrics.set_model_info(model_facts.info_metric_labels(engine.model_info()))
-    await running.health.set(SERVICE_NAME, SERVING)
-    log.info("serving %s", model_name)
-
-    died = await _wait_for_stop_or_death(engine, stop)
-    if died:
-        log.error("the engine died; failing in-flight calls and exiting for a restart")
-        await running.health.set(SERVICE_NAME, NOT_SERVING)
-        await running.health.set("", NOT_SERVING)
-        await running.server.stop(grace=2)
-        return 1
-    return await drain(running, engine, config.drain_timeout)
+    with _frozen_startup_heap():
+        await running.health.set(SERVICE_NAME, SERVING)
+        log.info("serving %s", model_name)
+        if await _wait_for_stop_or_death(engine, stop):
+            log.error("the engine died; failing in-flight calls and exiting for a restart")
+            await running.health.set(SERVICE_NAME, NOT_SERVING)
+            await running.health.set("", NOT_SERVING)
+            await running.server.stop(grace=2)
+            return 1
+        return await drain(running, engine, config.drain_timeout)
 
 
 async def drain(running: RunningServer, engine: Engine, timeout: float) -> int:
@@ -166,6 +166,25 @@ async def drain(running: RunningServer, engine: Engine, timeout: float) -> int:
     await engine.shutdown()
     log.info("stopped")
     return 0
+
+
+@contextlib.contextmanager
+def _frozen_startup_heap() -> Iterator[None]:
+    """Keep the garbage collector's full passes off what startup built.
+
+    vLLM, torch, transformers and the tokenizer leave ~10^6 objects that live
+    as long as the process. Left in the oldest generation, each full
+    collection walks them all, and requests' garbage triggers one every few
+    seconds under load: 0.4-0.9 s each on two cores, every stream paused
+    (TTFT p99 ~0.6 s at 32 streams). Frozen, they are skipped, as vLLM's own
+    OpenAI server does (`freeze_gc_heap`); unfrozen once the server has stopped.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 async def _load(factory: EngineFactory, stop: asyncio.Event) -> Engine | None:
