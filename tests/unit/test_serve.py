@@ -19,8 +19,13 @@ async def test_the_startup_heap_is_frozen_while_serving() -> None:
     over vLLM's heap paused every stream for up to 0.9 s), and the heap is
     unfrozen once the server has stopped."""
     assert gc.get_freeze_count() == 0
-    stop = asyncio.Event()
+    stop, started = asyncio.Event(), asyncio.Event()
     ports: list[int] = []
+
+    def on_started(running: server.RunningServer) -> None:
+        ports.append(running.port)
+        started.set()
+
     registry = CollectorRegistry()
 
     async def load() -> FakeEngine:
@@ -28,11 +33,12 @@ async def test_the_startup_heap_is_frozen_while_serving() -> None:
 
     serving = asyncio.create_task(server.serve(
         ServerConfig(host="127.0.0.1", port=0, metrics_port=-1, drain_timeout=1), "fake", load,
-        GrpcMetrics(registry), stop=stop, on_started=lambda r: ports.append(r.port),
+        GrpcMetrics(registry), stop=stop, on_started=on_started,
         registry=registry,
     ))  # fmt: skip
     try:
-        async with AsyncClient(f"127.0.0.1:{(await _first(ports))}") as client:
+        await started.wait()
+        async with AsyncClient(f"127.0.0.1:{ports[0]}") as client:
             assert await eventually_serving(client)
             assert gc.get_freeze_count() > 0
             assert (await client.generate("hi", max_tokens=2)).usage.completion_tokens == 2
@@ -51,8 +57,3 @@ async def eventually_serving(client: AsyncClient, timeout: float = 30.0) -> bool
         await asyncio.sleep(0.05)
     return True
 
-
-async def _first(ports: list[int]) -> int:
-    while not ports:
-        await asyncio.sleep(0.01)
-    return ports[0]
