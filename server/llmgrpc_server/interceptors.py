@@ -105,8 +105,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         self,
         grpc_metrics: GrpcMetrics,
         service_metrics: ServiceMetrics,
-        connections: ConnectionLimit | None = None,
-        limited_services: frozenset[str] = frozenset(),
+        connections: ConnectionLimit,
+        limited_services: frozenset[str],
     ) -> None:
         self._grpc = grpc_metrics
         self._service = service_metrics
@@ -117,7 +117,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         self, call: _Call, context: grpc.aio.ServicerContext
     ) -> contextlib.AbstractContextManager[None]:
         """The call's place in its connection's limit (none for unlimited services)."""
-        if self._connections is None or call.service not in self._limited:
+        if call.service not in self._limited:
             return contextlib.nullcontext()
         return self._connections.hold(context.peer())
 

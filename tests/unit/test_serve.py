@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import gc
 
-from llmgrpc import AsyncClient
+from llmgrpc import Client
 from llmgrpc_server import server
 from llmgrpc_server.config import ServerConfig
 from llmgrpc_server.metrics import GrpcMetrics
 from prometheus_client import CollectorRegistry
 
 from tests.fakes import FakeEngine
+from tests.waiting import eventually
 
 
 async def test_the_startup_heap_is_frozen_while_serving() -> None:
@@ -19,13 +20,8 @@ async def test_the_startup_heap_is_frozen_while_serving() -> None:
     over vLLM's heap paused every stream for up to 0.9 s), and the heap is
     unfrozen once the server has stopped."""
     assert gc.get_freeze_count() == 0
-    stop, started = asyncio.Event(), asyncio.Event()
-    ports: list[int] = []
-
-    def on_started(running: server.RunningServer) -> None:
-        ports.append(running.port)
-        started.set()
-
+    stop = asyncio.Event()
+    port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     registry = CollectorRegistry()
 
     async def load() -> FakeEngine:
@@ -33,27 +29,17 @@ async def test_the_startup_heap_is_frozen_while_serving() -> None:
 
     serving = asyncio.create_task(server.serve(
         ServerConfig(host="127.0.0.1", port=0, metrics_port=-1, drain_timeout=1), "fake", load,
-        GrpcMetrics(registry), stop=stop, on_started=on_started,
+        GrpcMetrics(registry), stop=stop, on_started=lambda r: port.set_result(r.port),
         registry=registry,
     ))  # fmt: skip
     try:
-        await started.wait()
-        async with AsyncClient(f"127.0.0.1:{ports[0]}") as client:
-            assert await eventually_serving(client)
+        with Client(f"127.0.0.1:{await port}") as client:
+            assert await eventually(lambda: client.health() == "SERVING")
             assert gc.get_freeze_count() > 0
-            assert (await client.generate("hi", max_tokens=2)).usage.completion_tokens == 2
+            # A blocking client: its calls run in a thread, the server in this loop.
+            reply = await asyncio.to_thread(client.generate, "hi", max_tokens=2)
+            assert reply.usage.completion_tokens == 2
     finally:
         stop.set()
         assert await serving == 0
     assert gc.get_freeze_count() == 0
-
-
-async def eventually_serving(client: AsyncClient, timeout: float = 30.0) -> bool:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while await client.health() != "SERVING":
-        if loop.time() > deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
-
