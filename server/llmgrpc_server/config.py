@@ -42,6 +42,8 @@ class ServerConfig:
     max_tokens_limit: int | None = None
     # Adaptive coalescing of stream messages under load; 1 turns it off.
     max_tokens_per_message: int = 8
+    # With vLLM's CPU backend: keep the front end off the worker's cores.
+    pin_front_end: bool = True
     models_dir: Path = field(default_factory=lambda: Path.home() / ".cache/llmgrpc/models")
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -119,6 +121,12 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         "requests in flight); 1: one token per message",
     )  # fmt: skip
     g.add_argument(
+        "--pin-front-end", action=argparse.BooleanOptionalAction,
+        default=ServerConfig.pin_front_end,
+        help="CPU backend: run this process and the engine core on the CPUs vLLM's worker "
+        "is not bound to (its reserved ones); nothing happens where the worker is not bound",
+    )  # fmt: skip
+    g.add_argument(
         "--models-dir", type=Path,
         default=Path(os.environ.get("LLMGRPC_MODELS_DIR", Path.home() / ".cache/llmgrpc/models")),
         help="where embedded models are built (env LLMGRPC_MODELS_DIR)",
@@ -144,6 +152,7 @@ def from_namespace(ns: argparse.Namespace) -> ServerConfig:
         max_prompt_tokens=ns.max_prompt_tokens,
         max_tokens_limit=ns.max_tokens_limit,
         max_tokens_per_message=ns.max_tokens_per_message,
+        pin_front_end=ns.pin_front_end,
         models_dir=ns.models_dir,
         tls_cert=ns.tls_cert,
         tls_key=ns.tls_key,

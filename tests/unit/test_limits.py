@@ -78,15 +78,17 @@ def test_flags_reach_the_config() -> None:
     ns = parser.parse_args([
         "--max-prompt-tokens", "100", "--max-tokens-limit", "50",
         "--max-message-bytes", "65536", "--max-concurrent-streams", "8",
-        "--max-tokens-per-message", "1",
+        "--max-tokens-per-message", "1", "--no-pin-front-end",
     ])  # fmt: skip
     config = server_config.from_namespace(ns)
     assert (config.max_prompt_tokens, config.max_tokens_limit) == (100, 50)
     assert (config.max_message_bytes, config.max_concurrent_streams) == (65536, 8)
     assert config.max_tokens_per_message == 1
+    assert config.pin_front_end is False
     defaults = server_config.from_namespace(parser.parse_args([]))
     assert defaults.max_prompt_tokens is None and defaults.max_tokens_limit is None
     assert defaults.max_tokens_per_message == 8
+    assert defaults.pin_front_end is True
 
 
 @pytest.mark.parametrize(
@@ -98,6 +100,23 @@ def test_tokens_per_message(in_flight: int, cap: int, tokens: int) -> None:
     from llmgrpc_server.vllm_engine import tokens_per_message  # imports vLLM
 
     assert tokens_per_message(in_flight, cap) == tokens
+
+
+def test_coalescing_load_is_the_recent_peak() -> None:
+    from llmgrpc_server.vllm_engine import RecentPeak  # imports vLLM
+
+    now = [0.0]
+    peak = RecentPeak(1.0, clock=lambda: now[0])
+    # A wave of 32 requests arriving together: the last ones see the first.
+    assert [peak.observe(n) for n in range(4)] == [0, 1, 2, 3]
+    peak.observe(31)
+    now[0] = 0.5
+    assert peak.observe(0) == 31  # the wave finished; the next one starts
+    now[0] = 0.9
+    assert peak.observe(2) == 31  # still within a second of the peak
+    now[0] = 1.1
+    assert peak.observe(2) == 2  # a second without such a load: back to the count
+    assert peak.observe(5) == 5
 
 
 @pytest.mark.parametrize(

