@@ -12,10 +12,9 @@ import argparse
 import asyncio
 import json
 import logging
-import math
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import vllm
@@ -48,37 +47,15 @@ INLINE_TOKENIZE_CHARS = 16_384
 INLINE_DETOKENIZE_IDS = 4_096
 # Under load, one message per token costs the front end and its clients more CPU
 # than the engine spends making the token (docs/benchmarks.md): a request that
-# arrives under load gets one more token per message for every COALESCE_STEP
-# requests in flight, up to --max-tokens-per-message. The load is the peak of
-# the last LOAD_WINDOW seconds, not the count at that instant: requests that
-# start together (a burst, a closed loop's wave) would otherwise see 0, 1, 2...
-# others and stream one token at a time. vLLM (stream_interval) never holds
-# back the first token nor the last message.
+# arrives with many others in flight gets one more token per message for every
+# COALESCE_STEP requests in flight, up to --max-tokens-per-message. vLLM
+# (stream_interval) never holds back the first token nor the last message.
 COALESCE_STEP = 4
-LOAD_WINDOW = 1.0
 
 
 def tokens_per_message(in_flight: int, cap: int) -> int:
     """How many tokens the messages of a stream carry, given the requests in flight."""
     return max(1, min(cap, in_flight // COALESCE_STEP))
-
-
-class RecentPeak:
-    """The most requests seen in flight at once, within about the last `window` s.
-
-    A new maximum restarts the window; once the window has passed without
-    one, the peak falls to the current count.
-    """
-
-    def __init__(self, window: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self._window, self._clock = window, clock
-        self._peak, self._at = 0, -math.inf
-
-    def observe(self, in_flight: int) -> int:
-        now = self._clock()
-        if in_flight >= self._peak or now - self._at > self._window:
-            self._peak, self._at = in_flight, now
-        return self._peak
 
 
 _FINISH = {
@@ -132,7 +109,6 @@ class VllmEngine:
         # offsets and chat-template typing that we rely on.
         self._tokenizer: Any = llm.get_tokenizer()
         self._in_flight: set[str] = set()
-        self._load = RecentPeak(LOAD_WINDOW)
         config = llm.vllm_config.model_config
         self._limits = Limits(
             vocab_size=config.get_vocab_size(),
@@ -358,7 +334,7 @@ class VllmEngine:
             structured_outputs=_structured(request.structured_output),
             output_kind=RequestOutputKind.DELTA,
             stream_interval=tokens_per_message(
-                self._load.observe(len(self._in_flight)), self._max_tokens_per_message
+                len(self._in_flight), self._max_tokens_per_message
             ),
         )
 

@@ -102,23 +102,6 @@ def test_tokens_per_message(in_flight: int, cap: int, tokens: int) -> None:
     assert tokens_per_message(in_flight, cap) == tokens
 
 
-def test_coalescing_load_is_the_recent_peak() -> None:
-    from llmgrpc_server.vllm_engine import RecentPeak  # imports vLLM
-
-    now = [0.0]
-    peak = RecentPeak(1.0, clock=lambda: now[0])
-    # A wave of 32 requests arriving together: the last ones see the first.
-    assert [peak.observe(n) for n in range(4)] == [0, 1, 2, 3]
-    peak.observe(31)
-    now[0] = 0.5
-    assert peak.observe(0) == 31  # the wave finished; the next one starts
-    now[0] = 0.9
-    assert peak.observe(2) == 31  # still within a second of the peak
-    now[0] = 1.1
-    assert peak.observe(2) == 2  # a second without such a load: back to the count
-    assert peak.observe(5) == 5
-
-
 @pytest.mark.parametrize(
     ("kw", "flag"),
     [
