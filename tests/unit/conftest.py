@@ -25,11 +25,23 @@ class FakeServer:
         return 0.0 if value is None else value
 
 
+# Ports this session's fake servers have had. grpc shares connections
+# (subchannels) between channels to the same address, so a client of a new
+# server on a reused port inherits a stale "Connection refused" from a channel
+# still open to the old one (an UNAVAILABLE seen ~1 run in 15 before this).
+_used_ports: set[int] = set()
+
+
 async def start_fake(config: ServerConfig | None = None, attach: bool = True,
                      engine: FakeEngine | None = None) -> FakeServer:  # fmt: skip
-    registry = CollectorRegistry()
     config = config or ServerConfig(host="127.0.0.1", port=0, metrics_port=-1)
-    running = await server.start(config, "fake", GrpcMetrics(registry), registry)
+    while True:
+        registry = CollectorRegistry()
+        running = await server.start(config, "fake", GrpcMetrics(registry), registry)
+        if config.port != 0 or running.port not in _used_ports:
+            break
+        await running.server.stop(grace=0)  # the kernel handed out an old port: another
+    _used_ports.add(running.port)
     engine = engine or FakeEngine()
     if attach:
         running.servicer.attach(engine)
