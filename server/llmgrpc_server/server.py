@@ -141,7 +141,7 @@ async def serve(
         return 0
     running.servicer.attach(engine)
     running.metrics.set_model_info(model_facts.info_metric_labels(engine.model_info()))
-    with _frozen_startup_heap():
+    with _frozen_startup_heap(), _quiet_ended_call_writes():
         await running.health.set(SERVICE_NAME, SERVING)
         log.info("serving %s", model_name)
         if await _wait_for_stop_or_death(engine, stop):
@@ -154,18 +154,42 @@ async def serve(
 
 
 async def drain(running: RunningServer, engine: Engine, timeout: float) -> int:
-    log.info("draining: in-flight calls have %.0f s to finish", timeout)
+    log.info("draining: in-flight calls have %g s to finish", timeout)
     await running.health.set(SERVICE_NAME, NOT_SERVING)
     admission = running.servicer.admission
     admission.drain()
     if not await admission.wait_idle(timeout):
         log.warning("drain timeout: cancelling %d calls still in flight", admission.in_flight)
     # Short grace for responses already on their way (health Watch streams
-    # and the like are cancelled).
+    # and the like are cancelled). Cut calls get UNAVAILABLE.
     await running.server.stop(grace=1.0)
     await engine.shutdown()
     log.info("stopped")
     return 0
+
+
+class _EndedCallWrites(logging.Filter):
+    """grpc logs a streamed write to a call that has already ended (the client
+    went away, its deadline passed, a drain timeout cut it) as ERROR with a
+    traceback, "ExecuteBatchError raised in core by servicer method", whenever
+    the write fails before the cancellation has reached the handler. Nothing
+    is wrong on our side then: one DEBUG line of ours instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "ExecuteBatchError raised in core" not in record.getMessage():
+            return True
+        log.debug("write to an ended call dropped: %s", record.getMessage())
+        return False
+
+
+@contextlib.contextmanager
+def _quiet_ended_call_writes() -> Iterator[None]:
+    grpc_log, quiet = logging.getLogger("grpc._cython.cygrpc"), _EndedCallWrites()
+    grpc_log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        grpc_log.removeFilter(quiet)
 
 
 @contextlib.contextmanager

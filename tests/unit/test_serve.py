@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 
-from llmgrpc import Client
+import grpc
+import pytest
+from llmgrpc import AsyncClient, Client
+from llmgrpc.v1 import llm_service_pb2 as pb
 from llmgrpc_server import server
 from llmgrpc_server.config import ServerConfig
 from llmgrpc_server.metrics import GrpcMetrics
@@ -43,3 +47,51 @@ async def test_the_startup_heap_is_frozen_while_serving() -> None:
         stop.set()
         assert await serving == 0
     assert gc.get_freeze_count() == 0
+
+
+async def test_drain_timeout_ends_cut_streams_with_unavailable() -> None:
+    """A stream still running when --drain-timeout ends gets UNAVAILABLE (retry
+    elsewhere), and its engine request is aborted."""
+    stop = asyncio.Event()
+    port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    registry = CollectorRegistry()
+    engine = FakeEngine(step_delay=0.05)
+
+    async def load() -> FakeEngine:
+        return engine
+
+    serving = asyncio.create_task(server.serve(
+        ServerConfig(host="127.0.0.1", port=0, metrics_port=-1, drain_timeout=0.5), "fake", load,
+        GrpcMetrics(registry), stop=stop, on_started=lambda r: port.set_result(r.port),
+        registry=registry,
+    ))  # fmt: skip
+    try:
+        target = f"127.0.0.1:{await port}"
+        with Client(target) as probe:
+            assert await eventually(lambda: probe.health() == "SERVING")
+        async with AsyncClient(target) as client:
+            call = client.stub.GenerateStream(
+                pb.GenerateRequest(prompt="x" * 60, sampling=pb.SamplingParams(max_tokens=60))
+            )
+            first = await call.read()
+            assert first.token_ids
+            stop.set()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                while await call.read() is not grpc.aio.EOF:
+                    pass
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
+    finally:
+        stop.set()
+        assert await serving == 0
+    assert engine.aborted
+
+
+def test_grpcs_error_for_a_write_to_an_ended_call_is_one_debug_line() -> None:
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("grpc._cython.cygrpc", logging.ERROR, "server.pyx.pxi", 1,
+                                 msg, None, None)  # fmt: skip
+
+    quiet = server._EndedCallWrites()
+    dropped = "ExecuteBatchError raised in core by servicer method [/llmgrpc.v1.LLMService/X]"
+    assert not quiet.filter(record(dropped))
+    assert quiet.filter(record("Unexpected [ValueError] raised by servicer method [/x]"))
