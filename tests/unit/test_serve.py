@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -19,70 +21,60 @@ from tests.fakes import FakeEngine
 from tests.waiting import eventually
 
 
-async def test_the_startup_heap_is_frozen_while_serving() -> None:
-    """The garbage collector's full passes skip what startup built (a full pass
-    over vLLM's heap paused every stream for up to 0.9 s), and the heap is
-    unfrozen once the server has stopped."""
-    assert gc.get_freeze_count() == 0
+@contextlib.asynccontextmanager
+async def serving(engine: FakeEngine, drain_timeout: float) -> AsyncIterator[tuple[str, asyncio.Event]]:
+    """`server.serve` on `engine` in this loop, SERVING; yields its target and
+    the stop event, and checks on the way out that it exited 0."""
     stop = asyncio.Event()
     port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     registry = CollectorRegistry()
 
     async def load() -> FakeEngine:
-        return FakeEngine()
+        return engine
 
-    serving = asyncio.create_task(server.serve(
-        ServerConfig(host="127.0.0.1", port=0, metrics_port=-1, drain_timeout=1), "fake", load,
-        GrpcMetrics(registry), stop=stop, on_started=lambda r: port.set_result(r.port),
-        registry=registry,
+    task = asyncio.create_task(server.serve(
+        ServerConfig(host="127.0.0.1", port=0, metrics_port=-1, drain_timeout=drain_timeout),
+        "fake", load, GrpcMetrics(registry), stop=stop,
+        on_started=lambda r: port.set_result(r.port), registry=registry,
     ))  # fmt: skip
     try:
-        with Client(f"127.0.0.1:{await port}") as client:
-            assert await eventually(lambda: client.health() == "SERVING")
-            assert gc.get_freeze_count() > 0
+        target = f"127.0.0.1:{await port}"
+        with Client(target) as probe:
+            assert await eventually(lambda: probe.health() == "SERVING")
+        yield target, stop
+    finally:
+        stop.set()
+        assert await task == 0
+
+
+async def test_the_startup_heap_is_frozen_while_serving() -> None:
+    """The garbage collector's full passes skip what startup built (a full pass
+    over vLLM's heap paused every stream for up to 0.9 s), and the heap is
+    unfrozen once the server has stopped."""
+    assert gc.get_freeze_count() == 0
+    async with serving(FakeEngine(), drain_timeout=1) as (target, _):
+        assert gc.get_freeze_count() > 0
+        with Client(target) as client:
             # A blocking client: its calls run in a thread, the server in this loop.
             reply = await asyncio.to_thread(client.generate, "hi", max_tokens=2)
             assert reply.usage.completion_tokens == 2
-    finally:
-        stop.set()
-        assert await serving == 0
     assert gc.get_freeze_count() == 0
 
 
 async def test_drain_timeout_ends_cut_streams_with_unavailable() -> None:
     """A stream still running when --drain-timeout ends gets UNAVAILABLE (retry
     elsewhere), and its engine request is aborted."""
-    stop = asyncio.Event()
-    port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-    registry = CollectorRegistry()
     engine = FakeEngine(step_delay=0.05)
-
-    async def load() -> FakeEngine:
-        return engine
-
-    serving = asyncio.create_task(server.serve(
-        ServerConfig(host="127.0.0.1", port=0, metrics_port=-1, drain_timeout=0.5), "fake", load,
-        GrpcMetrics(registry), stop=stop, on_started=lambda r: port.set_result(r.port),
-        registry=registry,
-    ))  # fmt: skip
-    try:
-        target = f"127.0.0.1:{await port}"
-        with Client(target) as probe:
-            assert await eventually(lambda: probe.health() == "SERVING")
-        async with AsyncClient(target) as client:
-            call = client.stub.GenerateStream(
-                pb.GenerateRequest(prompt="x" * 60, sampling=pb.SamplingParams(max_tokens=60))
-            )
-            first = await call.read()
-            assert first.token_ids
-            stop.set()
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                while await call.read() is not grpc.aio.EOF:
-                    pass
-            assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
-    finally:
+    async with serving(engine, drain_timeout=0.5) as (target, stop), AsyncClient(target) as client:
+        call = client.stub.GenerateStream(
+            pb.GenerateRequest(prompt="x" * 60, sampling=pb.SamplingParams(max_tokens=60))
+        )
+        assert (await call.read()).token_ids
         stop.set()
-        assert await serving == 0
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            while await call.read() is not grpc.aio.EOF:
+                pass
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
     assert engine.aborted
 
 
