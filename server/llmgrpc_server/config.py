@@ -43,7 +43,8 @@ class ServerConfig:
     # Adaptive coalescing of stream messages under load; 1 turns it off.
     max_tokens_per_message: int = 8
     # With vLLM's CPU backend: keep the front end off the worker's cores.
-    pin_front_end: bool = True
+    # Opt-in: docs/deploy.md, "CPU placement".
+    pin_front_end: bool = False
     models_dir: Path = field(default_factory=lambda: Path.home() / ".cache/llmgrpc/models")
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -124,7 +125,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         "--pin-front-end", action=argparse.BooleanOptionalAction,
         default=ServerConfig.pin_front_end,
         help="CPU backend: run this process and the engine core on the CPUs vLLM's worker "
-        "is not bound to (its reserved ones); nothing happens where the worker is not bound",
+        "is not bound to (its reserved ones); nothing happens where the worker is not bound "
+        "(default: off)",
     )  # fmt: skip
     g.add_argument(
         "--models-dir", type=Path,

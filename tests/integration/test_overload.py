@@ -284,15 +284,15 @@ async def test_deadline_expiring_in_the_engine_queue_never_runs(limited: ServerP
                                   grpc_code="DEADLINE_EXCEEDED") == late_calls)  # fmt: skip
 
             # The server admitted both (they were not refused) and counted them ...
-            assert await eventually(counted), {
-                (name, code): delta(name, grpc_method="Generate", **labels)
+            assert await eventually(counted), ", ".join(
+                f"{name}{{{code}}}={delta(name, grpc_method='Generate', **labels):g}"
                 for name, code, labels in [
                     ("llmgrpc_requests_deadline_exceeded_total", "", {}),
                     ("llmgrpc_requests_cancelled_total", "", {}),
                     *(("grpc_server_handled_total", c, {"grpc_code": c})
                       for c in ("DEADLINE_EXCEEDED", "CANCELLED", "RESOURCE_EXHAUSTED", "OK")),
                 ]
-            }  # fmt: skip
+            )  # fmt: skip
             # ... and the engine aborted them while they waited: never prefilled,
             # or the prompt counter would have grown by 500 for each (the 62
             # holders' prompts are 3 tokens each).

@@ -1,4 +1,4 @@
-"""The served engine's processes, as `--pin-front-end` (the default) leaves them."""
+"""The served engine's processes, as `--pin-front-end` leaves them."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import pytest
 from llmgrpc_server import cpu_placement
 
-from tests.server_process import ServerProcess
+from tests.server_process import ServerProcess, running
 
 
 def _threads(pid: int) -> dict[int, set[int]]:
@@ -15,7 +15,13 @@ def _threads(pid: int) -> dict[int, set[int]]:
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="vLLM's CPU backend reserves a CPU")
-def test_front_end_and_engine_core_run_off_the_workers_cpus(llama: ServerProcess) -> None:
+def test_front_end_and_engine_core_run_off_the_workers_cpus(request: pytest.FixtureRequest) -> None:
+    with running(["--pin-front-end"], "pinned", request) as pinned:
+        pinned.wait_serving()
+        _check_placement(pinned)
+
+
+def _check_placement(llama: ServerProcess) -> None:
     assert llama.proc is not None
     server = llama.proc.pid
     below = {p: os.sched_getaffinity(p) for p in cpu_placement.descendants(server)}
