@@ -287,6 +287,7 @@ async def test_deadline_expiring_in_the_engine_queue_never_runs(limited: ServerP
             assert await eventually(counted), ", ".join(
                 f"{name}{{{code}}}={delta(name, grpc_method='Generate', **labels):g}"
                 for name, code, labels in [
+                    ("grpc_server_started_total", "", {}),
                     ("llmgrpc_requests_deadline_exceeded_total", "", {}),
                     ("llmgrpc_requests_cancelled_total", "", {}),
                     *(("grpc_server_handled_total", c, {"grpc_code": c})
