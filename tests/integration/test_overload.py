@@ -247,7 +247,12 @@ async def test_deadline_expiring_in_the_engine_queue_never_runs(limited: ServerP
     url = limited.metrics_url
     late_calls = 2
     before = scrape(url)  # the engine is idle: nothing moves while this is read
-    async with slow_reader(limited.target) as holder, AsyncClient(limited.target) as client:
+    # The late calls get a connection of their own: grpc shares connections
+    # between channels to one address, and in the module (never alone) they
+    # sometimes never reached the service (grpc_server_started_total unmoved).
+    own = [("grpc.use_local_subchannel_pool", 1)]
+    async with slow_reader(limited.target) as holder, AsyncClient(limited.target, options=own
+                                                                  ) as client:  # fmt: skip
         # 62 holders: one runs in the engine, the others wait (~124,000
         # decode steps: over 12 s even when this machine is idle and the tiny
         # model decodes ~10,000 tokens/s). Two calls with 500-token prompts
