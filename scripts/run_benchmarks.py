@@ -81,17 +81,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def engine_core_pid(parent: int) -> int | None:
-    """The VLLM::EngineCore process started by `parent`."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+def vllm_processes(server_pid: int, name: str) -> list[int]:
+    """The processes below `server_pid` whose name starts with `name`
+    (`VLLM::EngineCor`, `VLLM::Worker`: /proc keeps 15 characters)."""
+    found = []
+    for pid in cpu_placement.descendants(server_pid):
         try:
-            text = stat.read_text()
+            if Path(f"/proc/{pid}/comm").read_text().startswith(name):
+                found.append(pid)
         except OSError:
-            continue
-        comm, rest = text[text.index("(") + 1 : text.rindex(")")], text.rsplit(")", 1)[1].split()
-        if int(rest[1]) == parent and comm.startswith("VLLM::EngineCor"):
-            return int(stat.parent.name)
-    return None
+            continue  # exited meanwhile
+    return found
 
 
 def place_load(server_pid: int) -> list[int]:
@@ -107,12 +107,11 @@ def place_load(server_pid: int) -> list[int]:
         placement = cpu_placement.place_front_end()
         return sorted(placement.front_end) if placement else sorted(os.sched_getaffinity(0))
     worker: set[int] = set()
-    for pid in cpu_placement.descendants(server_pid):
+    for pid in vllm_processes(server_pid, "VLLM::Worker"):
         try:
-            if Path(f"/proc/{pid}/comm").read_text().startswith("VLLM::Worker"):
-                worker |= os.sched_getaffinity(pid)
+            worker |= os.sched_getaffinity(pid)
         except OSError:
-            continue
+            continue  # exited meanwhile
     cpus = frozenset(os.sched_getaffinity(0) - worker)
     if worker and cpus:
         cpu_placement.pin_threads(os.getpid(), cpus)
@@ -155,9 +154,9 @@ async def _measure(a: argparse.Namespace) -> dict[str, Any]:
                            "load_cpus": place_load(a.frontend_pid)}  # fmt: skip
     try:
         pids = {"frontend": a.frontend_pid or os.getpid()}
-        engine = engine_core_pid(pids["frontend"])
-        if engine:
-            pids["engine"] = engine
+        engines = vllm_processes(pids["frontend"], "VLLM::EngineCor")
+        if engines:
+            pids["engine"] = engines[0]
         # Warm up: every batch size up to the largest level, before any measurement.
         top = max(a.levels)
         await bench.run_workload(backend, bench.Workload(
@@ -226,7 +225,7 @@ def _wait_log(proc: subprocess.Popen[bytes], log: Path, pattern: str, timeout: f
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    engine = engine_core_pid(proc.pid)
+    engines = vllm_processes(proc.pid, "VLLM::EngineCor")
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -234,8 +233,9 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=30)
-    if engine and Path(f"/proc/{engine}").exists():
-        os.kill(engine, signal.SIGKILL)
+    for engine in engines:  # orphaned if the server did not stop it
+        if Path(f"/proc/{engine}").exists():
+            os.kill(engine, signal.SIGKILL)
 
 
 def _child(backend: str, args: argparse.Namespace, **kw: Any) -> dict[str, Any]:
