@@ -14,9 +14,11 @@ keeps its slot, so the tests do not depend on how fast the engine is.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import statistics
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -36,7 +38,7 @@ from llmgrpc_server.metrics_http import RENDER_MAX_AGE
 
 from tests import waiting
 from tests.metrics_scrape import scrape, value
-from tests.server_process import SLOW_READER, ServerProcess, running
+from tests.server_process import ROOT, SLOW_READER, ServerProcess, running
 
 MAX_IN_FLIGHT = 64
 ENGINE_SEQS = 1
@@ -247,64 +249,58 @@ async def test_deadline_expiring_in_the_engine_queue_never_runs(limited: ServerP
     url = limited.metrics_url
     late_calls = 2
     before = scrape(url)  # the engine is idle: nothing moves while this is read
-    # The late calls get a connection of their own: grpc shares connections
-    # between channels to one address, and in the module (never alone) they
-    # sometimes never reached the service (grpc_server_started_total unmoved).
-    own = [("grpc.use_local_subchannel_pool", 1)]
-    async with slow_reader(limited.target) as holder, AsyncClient(limited.target, options=own
-                                                                  ) as client:  # fmt: skip
-        # 62 holders: one runs in the engine, the others wait (~124,000
-        # decode steps: over 12 s even when this machine is idle and the tiny
-        # model decodes ~10,000 tokens/s). Two calls with 500-token prompts
-        # and an 8 s deadline queue behind them (first come, first served).
-        # Nothing is polled in between: on this shared machine a metrics
-        # scrape can take longer than the queue lasts.
-        holders = [start_stream(holder, LONG) for _ in range(MAX_IN_FLIGHT - late_calls)]
-        try:
-            await asyncio.sleep(0.3)
+    # 62 holders: one runs in the engine, the others wait (~124,000 decode
+    # steps: over 12 s even when this machine is idle and the tiny model
+    # decodes ~10,000 tokens/s). Two calls with 500-token prompts and an 8 s
+    # deadline queue behind them (first come, first served). The client is a
+    # process of its own (tests/queued_deadline_client.py says why). Nothing
+    # is polled meanwhile: on this shared machine a metrics scrape can take
+    # longer than the queue lasts.
+    client = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.queued_deadline_client", limited.target,
+        str(MAX_IN_FLIGHT - late_calls), str(late_calls), "8",
+        cwd=ROOT, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert client.stdin is not None and client.stdout is not None
+    try:
+        line = await asyncio.wait_for(client.stdout.readline(), 120)
+        codes = json.loads(line)["late"] if line else f"client exited {await client.wait()}"
+        assert codes == ["DEADLINE_EXCEEDED"] * late_calls, codes
+        after = before
 
-            async def late() -> grpc.StatusCode:
-                try:
-                    await client.generate(prompt_token_ids=[7] * 500, max_tokens=8, timeout=8.0)
-                except grpc.aio.AioRpcError as e:
-                    return e.code()
-                return grpc.StatusCode.OK
+        def delta(name: str, **labels: str) -> float:
+            return sample_value(after, name, **labels) - sample_value(before, name, **labels)
 
-            codes = await asyncio.gather(*(late() for _ in range(late_calls)))
-            assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * late_calls, codes
-            after = before
+        def counted() -> bool:
+            nonlocal after
+            after = scrape(url)
+            # Generate only: a GenerateStream call of an earlier test may
+            # still expire meanwhile on a slow machine (in CI the total over
+            # all methods differed while the Generate counts were both 2).
+            return (delta("llmgrpc_requests_deadline_exceeded_total",
+                          grpc_method="Generate") == late_calls
+                    and delta("grpc_server_handled_total", grpc_method="Generate",
+                              grpc_code="DEADLINE_EXCEEDED") == late_calls)  # fmt: skip
 
-            def delta(name: str, **labels: str) -> float:
-                return sample_value(after, name, **labels) - sample_value(before, name, **labels)
-
-            def counted() -> bool:
-                nonlocal after
-                after = scrape(url)
-                # Generate only: a GenerateStream call of an earlier test may
-                # still expire meanwhile on a slow machine (in CI the total over
-                # all methods differed while the Generate counts were both 2).
-                return (delta("llmgrpc_requests_deadline_exceeded_total",
-                              grpc_method="Generate") == late_calls
-                        and delta("grpc_server_handled_total", grpc_method="Generate",
-                                  grpc_code="DEADLINE_EXCEEDED") == late_calls)  # fmt: skip
-
-            # The server admitted both (they were not refused) and counted them ...
-            assert await eventually(counted), ", ".join(
-                f"{name}{{{code}}}={delta(name, grpc_method='Generate', **labels):g}"
-                for name, code, labels in [
-                    ("grpc_server_started_total", "", {}),
-                    ("llmgrpc_requests_deadline_exceeded_total", "", {}),
-                    ("llmgrpc_requests_cancelled_total", "", {}),
-                    *(("grpc_server_handled_total", c, {"grpc_code": c})
-                      for c in ("DEADLINE_EXCEEDED", "CANCELLED", "RESOURCE_EXHAUSTED", "OK")),
-                ]
-            )  # fmt: skip
-            # ... and the engine aborted them while they waited: never prefilled,
-            # or the prompt counter would have grown by 500 for each (the 62
-            # holders' prompts are 3 tokens each).
-            assert delta("vllm:prompt_tokens_total") < 500
-        finally:
-            await release(holders, url)
+        # The server admitted both (they were not refused) and counted them ...
+        assert await eventually(counted), ", ".join(
+            f"{name}{{{code}}}={delta(name, grpc_method='Generate', **labels):g}"
+            for name, code, labels in [
+                ("grpc_server_started_total", "", {}),
+                ("llmgrpc_requests_deadline_exceeded_total", "", {}),
+                ("llmgrpc_requests_cancelled_total", "", {}),
+                *(("grpc_server_handled_total", c, {"grpc_code": c})
+                  for c in ("DEADLINE_EXCEEDED", "CANCELLED", "RESOURCE_EXHAUSTED", "OK")),
+            ]
+        )  # fmt: skip
+        # ... and the engine aborted them while they waited: never prefilled,
+        # or the prompt counter would have grown by 500 for each (the 62
+        # holders' prompts are 3 tokens each).
+        assert delta("vllm:prompt_tokens_total") < 500
+    finally:
+        client.stdin.close()  # the client cancels its holders and exits
+        assert await asyncio.wait_for(client.wait(), 60) == 0
+        await release([], url)
     # Nor later, once the queue ahead of them was gone: they were aborted,
     # not left waiting.
     after = scrape(url)

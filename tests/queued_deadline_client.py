@@ -1,0 +1,58 @@
+"""The client side of the deadline-in-the-engine-queue test, run as its own process.
+
+    python -m tests.queued_deadline_client TARGET HOLDERS LATE DEADLINE_S
+
+Starts HOLDERS long streams on a slow-reader channel (they fill the engine's
+queue and are not read), then LATE unary `Generate` calls with a DEADLINE_S
+deadline on a channel of their own. Prints one JSON line, the late calls'
+status codes, then keeps the holders until stdin closes and exits.
+
+Why a process of its own: in the pytest process, after the earlier
+integration tests, grpc's client core now and then stalled for up to two
+minutes (no reads, no ping acks, no deadline timers; the server accepted the
+connection at once when the client finally opened it). Standalone, the same
+scenario never did. A fresh process is also what the test means: one client
+whose calls wait in the server's queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+
+import grpc
+from llmgrpc import AsyncClient
+from llmgrpc.client import generate_request
+
+from tests.server_process import SLOW_READER
+
+HOLDER_TOKENS = 2000  # the most the 2048-token context allows after a short prompt
+LATE_PROMPT = [7] * 500  # prefilling it would move vllm:prompt_tokens_total by 500
+
+
+async def main(target: str, holders: int, late: int, deadline: float) -> None:
+    own = [("grpc.use_local_subchannel_pool", 1)]
+    async with AsyncClient(target, options=SLOW_READER) as holder, \
+            AsyncClient(target, options=own) as client:  # fmt: skip
+        req = generate_request("Overload", max_tokens=HOLDER_TOKENS, ignore_eos=True)
+        calls = [holder.stub.GenerateStream(req, timeout=300.0) for _ in range(holders)]
+        await asyncio.sleep(0.3)  # sent: the server admits them in this order
+
+        async def late_call() -> str:
+            try:
+                await client.generate(prompt_token_ids=LATE_PROMPT, max_tokens=8, timeout=deadline)
+            except grpc.aio.AioRpcError as e:
+                return str(e.code().name)
+            return "OK"
+
+        codes = await asyncio.gather(*(late_call() for _ in range(late)))
+        print(json.dumps({"late": codes}), flush=True)
+        await asyncio.to_thread(sys.stdin.read)  # until the test closes stdin
+        for call in calls:
+            call.cancel()
+
+
+if __name__ == "__main__":
+    target, holders, late, deadline = sys.argv[1:5]
+    asyncio.run(main(target, int(holders), int(late), float(deadline)))
