@@ -10,8 +10,10 @@ status codes, then keeps the holders until stdin closes and exits.
 Why a process of its own: in the pytest process, after the earlier
 integration tests, grpc's client core now and then stalled for up to two
 minutes (no reads, no ping acks, no deadline timers; the server accepted the
-connection at once when the client finally opened it). Standalone, the same
-scenario never did. A fresh process is also what the test means: one client
+connection at once when the client finally opened it), as in grpc/grpc#39113,
+which tests/conftest.py now mitigates for the whole suite. This test is the
+most sensitive to it (an 8 s deadline against a 12 s queue), so its client
+also starts fresh. A fresh process is what the test means anyway: one client
 whose calls wait in the server's queue.
 """
 
