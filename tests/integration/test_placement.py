@@ -7,7 +7,7 @@ import os
 import pytest
 from llmgrpc_server import cpu_placement
 
-from tests.server_process import ServerProcess, running
+from tests.server_process import running
 
 
 def _threads(pid: int) -> dict[int, set[int]]:
@@ -18,25 +18,21 @@ def _threads(pid: int) -> dict[int, set[int]]:
 def test_front_end_and_engine_core_run_off_the_workers_cpus(request: pytest.FixtureRequest) -> None:
     with running(["--pin-front-end"], "pinned", request) as pinned:
         pinned.wait_serving()
-        _check_placement(pinned)
-
-
-def _check_placement(llama: ServerProcess) -> None:
-    assert llama.proc is not None
-    server = llama.proc.pid
-    below = {p: os.sched_getaffinity(p) for p in cpu_placement.descendants(server)}
-    workers = [p for p in below if _comm(p).startswith("VLLM::Worker")]
-    engine_core = [p for p in below if _comm(p).startswith("VLLM::EngineCor")]
-    assert len(workers) == 1 and len(engine_core) == 1, {p: _comm(p) for p in below}
-    worker_cpus = below[workers[0]]
-    front_end = os.sched_getaffinity(0) - worker_cpus
-    assert worker_cpus and front_end
-    for pid in (server, *engine_core):
-        threads = _threads(pid)
-        assert len(threads) > 1 and set(map(frozenset, threads.values())) == {
-            frozenset(front_end)
-        }, f"{_comm(pid)}: {threads}"
-    assert f"front end and engine core on CPUs {sorted(front_end)}" in llama.log()
+        assert pinned.proc is not None
+        server = pinned.proc.pid
+        below = {p: os.sched_getaffinity(p) for p in cpu_placement.descendants(server)}
+        workers = [p for p in below if _comm(p).startswith("VLLM::Worker")]
+        engine_core = [p for p in below if _comm(p).startswith("VLLM::EngineCor")]
+        assert len(workers) == 1 and len(engine_core) == 1, {p: _comm(p) for p in below}
+        worker_cpus = below[workers[0]]
+        front_end = os.sched_getaffinity(0) - worker_cpus
+        assert worker_cpus and front_end
+        for pid in (server, *engine_core):
+            threads = _threads(pid)
+            assert len(threads) > 1 and set(map(frozenset, threads.values())) == {
+                frozenset(front_end)
+            }, f"{_comm(pid)}: {threads}"
+        assert f"front end and engine core on CPUs {sorted(front_end)}" in pinned.log()
 
 
 def _comm(pid: int) -> str:
