@@ -1,10 +1,11 @@
 """The client side of the deadline-in-the-engine-queue test, run as its own process.
 
-    python -m tests.queued_deadline_client TARGET HOLDERS LATE DEADLINE_S
+    python -m tests.queued_deadline_client TARGET HOLDERS HOLDER_TOKENS LATE LATE_PROMPT_TOKENS DEADLINE_S
 
-Starts HOLDERS long streams on a slow-reader channel (they fill the engine's
-queue and are not read), then LATE unary `Generate` calls with a DEADLINE_S
-deadline on a channel of their own. Prints one JSON line, the late calls'
+Starts HOLDERS streams of HOLDER_TOKENS tokens on a slow-reader channel (they
+fill the engine's queue and are not read), then LATE unary `Generate` calls
+with LATE_PROMPT_TOKENS-token prompts and a DEADLINE_S deadline on a channel
+of their own. The test owns every number. Prints one JSON line, the late calls'
 status codes, then keeps the holders until stdin closes and exits.
 
 Why a process of its own: in the pytest process, after the earlier
@@ -29,21 +30,20 @@ from llmgrpc.client import generate_request
 
 from tests.server_process import SLOW_READER
 
-HOLDER_TOKENS = 2000  # the most the 2048-token context allows after a short prompt
-LATE_PROMPT = [7] * 500  # prefilling it would move vllm:prompt_tokens_total by 500
 
-
-async def main(target: str, holders: int, late: int, deadline: float) -> None:
-    own = [("grpc.use_local_subchannel_pool", 1)]
+async def main(target: str, holders: int, holder_tokens: int, late: int, late_prompt_tokens: int,
+               deadline: float) -> None:  # fmt: skip
+    own = [("grpc.use_local_subchannel_pool", 1)]  # a connection apart from the holders'
     async with AsyncClient(target, options=SLOW_READER) as holder, \
             AsyncClient(target, options=own) as client:  # fmt: skip
-        req = generate_request("Overload", max_tokens=HOLDER_TOKENS, ignore_eos=True)
+        req = generate_request("Overload", max_tokens=holder_tokens, ignore_eos=True)
         calls = [holder.stub.GenerateStream(req, timeout=300.0) for _ in range(holders)]
         await asyncio.sleep(0.3)  # sent: the server admits them in this order
 
         async def late_call() -> str:
             try:
-                await client.generate(prompt_token_ids=LATE_PROMPT, max_tokens=8, timeout=deadline)
+                await client.generate(prompt_token_ids=[7] * late_prompt_tokens, max_tokens=8,
+                                      timeout=deadline)  # fmt: skip
             except grpc.aio.AioRpcError as e:
                 return str(e.code().name)
             return "OK"
@@ -56,5 +56,5 @@ async def main(target: str, holders: int, late: int, deadline: float) -> None:
 
 
 if __name__ == "__main__":
-    target, holders, late, deadline = sys.argv[1:5]
-    asyncio.run(main(target, int(holders), int(late), float(deadline)))
+    target, *counts, deadline = sys.argv[1:7]
+    asyncio.run(main(target, *map(int, counts), float(deadline)))

@@ -121,15 +121,20 @@ async def occupy(
 
 
 async def release(calls: list[grpc.aio.Call], url: str) -> None:
-    """Cancel `calls` and wait until the server and the engine hold nothing.
+    """Cancel `calls` and wait until the server and the engine hold nothing."""
+    for call in calls:
+        call.cancel()
+    await drained(url)
+
+
+async def drained(url: str) -> None:
+    """Wait until the server and the engine hold nothing.
 
     The engine's gauges come from one snapshot per engine step and the
     aborts of many calls reach it in batches: one snapshot can show none
     running and no KV in use while some aborts are still on their way
     (they were waiting), so every gauge is waited on.
     """
-    for call in calls:
-        call.cancel()
     for gauge in ("llmgrpc_active_streams", "vllm:num_requests_running",
                   "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"):  # fmt: skip
         assert await eventually(lambda g=gauge: value(url, g) == 0), gauge  # type: ignore[misc]
@@ -247,7 +252,7 @@ async def test_a_huge_prompt_does_not_stall_other_calls(limited: ServerProcess, 
 
 async def test_deadline_expiring_in_the_engine_queue_never_runs(limited: ServerProcess) -> None:
     url = limited.metrics_url
-    late_calls = 2
+    late_calls, late_prompt = 2, 500
     before = scrape(url)  # the engine is idle: nothing moves while this is read
     # 62 holders: one runs in the engine, the others wait (~124,000 decode
     # steps: over 12 s even when this machine is idle and the tiny model
@@ -258,7 +263,7 @@ async def test_deadline_expiring_in_the_engine_queue_never_runs(limited: ServerP
     # longer than the queue lasts.
     client = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tests.queued_deadline_client", limited.target,
-        str(MAX_IN_FLIGHT - late_calls), str(late_calls), "8",
+        *map(str, (MAX_IN_FLIGHT - late_calls, LONG, late_calls, late_prompt, 8.0)),
         cwd=ROOT, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert client.stdin is not None and client.stdout is not None
@@ -296,15 +301,15 @@ async def test_deadline_expiring_in_the_engine_queue_never_runs(limited: ServerP
         # ... and the engine aborted them while they waited: never prefilled,
         # or the prompt counter would have grown by 500 for each (the 62
         # holders' prompts are 3 tokens each).
-        assert delta("vllm:prompt_tokens_total") < 500
+        assert delta("vllm:prompt_tokens_total") < late_prompt
     finally:
         client.stdin.close()  # the client cancels its holders and exits
         assert await asyncio.wait_for(client.wait(), 60) == 0
-        await release([], url)
+        await drained(url)
     # Nor later, once the queue ahead of them was gone: they were aborted,
     # not left waiting.
     after = scrape(url)
-    assert delta("vllm:prompt_tokens_total") < 500
+    assert delta("vllm:prompt_tokens_total") < late_prompt
 
 
 async def test_calls_that_expire_while_the_server_is_paused_leave_nothing_behind(
