@@ -251,6 +251,7 @@ class InProcessBackend(_Lifecycle):
     async def start(self) -> None:
         # Imported here, not at the top: the client package must not need vLLM.
         from vllm import SamplingParams
+        from vllm import envs as vllm_envs
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
@@ -271,6 +272,11 @@ class InProcessBackend(_Lifecycle):
             **s.extra,
         )
         self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        # What llmgrpc-server does once its engine is up (vllm_engine.cache_vllm_settings):
+        # vLLM stops re-reading os.environ for its settings, here as in its own processes.
+        enable_envs_cache = getattr(vllm_envs, "enable_envs_cache", None)
+        if enable_envs_cache is not None:
+            enable_envs_cache()
         self._tokenizer = self._llm.get_tokenizer()
 
     async def close(self) -> None:

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import vllm
+import vllm.envs
 from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
@@ -51,6 +52,21 @@ INLINE_DETOKENIZE_IDS = 4_096
 # COALESCE_STEP requests in flight, up to --max-tokens-per-message. vLLM
 # (stream_interval) never holds back the first token nor the last message.
 COALESCE_STEP = 4
+
+
+def cache_vllm_settings() -> None:
+    """Freeze vLLM's settings (`vllm.envs`) in this process, once the engine is up.
+
+    vLLM reads its VLLM_* settings from os.environ on every access until
+    `enable_envs_cache()`, which it calls in the engine core and worker
+    processes, not in the front end, where its output processor reads one per
+    request per step (VLLM_COMPUTE_NANS_IN_LOGITS): about 1.7 ms of CPU per
+    1,000 tokens here (docs/benchmarks.md). As in those processes, a VLLM_*
+    variable changed later is not seen.
+    """
+    enable = getattr(vllm.envs, "enable_envs_cache", None)  # absent from older vLLM
+    if enable is not None:
+        enable()
 
 
 def tokens_per_message(in_flight: int, cap: int) -> int:
@@ -132,6 +148,7 @@ class VllmEngine:
         # Building the engine blocks for tens of seconds (weights, KV cache,
         # warm-up): keep the event loop free so health checks answer meanwhile.
         llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        cache_vllm_settings()
         if pin_front_end:
             cpu_placement.place_front_end()
         return cls(
