@@ -572,7 +572,8 @@ def write_markdown(doc: dict[str, Any], path: Path, png: str) -> None:
         "(TTFT close to E2E, for llmgrpc and vLLM's server alike, never in-process).",
         "- gRPC: `llmgrpc-server --model tiny-llama-gqa --pin-front-end`. In-process: `AsyncLLM` with the "
         "same engine settings (KV cache 64 MiB, max_model_len 2048, vLLM's defaults "
-        "otherwise), prompts tokenized and passed as ids, `RequestOutputKind.DELTA`, as the "
+        "otherwise), prompts tokenized and passed as ids, `RequestOutputKind.DELTA`, vLLM's "
+        "settings cached once the engine is up (`vllm.envs.enable_envs_cache()`), as the "
         "server does. OpenAI: `python -m vllm.entrypoints.openai.api_server` with the same "
         "settings and `--disable-uvicorn-access-log`; streaming `/v1/completions` with "
         "`return_token_ids` (the same payload as llmgrpc's deltas).",
