@@ -26,9 +26,8 @@ import sys
 
 import grpc
 from llmgrpc import AsyncClient
-from llmgrpc.client import generate_request
 
-from tests.server_process import SLOW_READER
+from tests.server_process import SLOW_READER, start_stream
 
 
 async def main(target: str, holders: int, holder_tokens: int, late: int, late_prompt_tokens: int,
@@ -36,8 +35,7 @@ async def main(target: str, holders: int, holder_tokens: int, late: int, late_pr
     own = [("grpc.use_local_subchannel_pool", 1)]  # a connection apart from the holders'
     async with AsyncClient(target, options=SLOW_READER) as holder, \
             AsyncClient(target, options=own) as client:  # fmt: skip
-        req = generate_request("Overload", max_tokens=holder_tokens, ignore_eos=True)
-        calls = [holder.stub.GenerateStream(req, timeout=300.0) for _ in range(holders)]
+        calls = [start_stream(holder, holder_tokens, timeout=300.0) for _ in range(holders)]
         await asyncio.sleep(0.3)  # sent: the server admits them in this order
 
         async def late_call() -> str:

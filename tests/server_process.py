@@ -23,6 +23,8 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from llmgrpc import AsyncClient
+from llmgrpc.client import generate_request
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER = Path(sys.executable).parent / "llmgrpc-server"
@@ -32,6 +34,14 @@ _METRICS_PORT = re.compile(r"metrics listening on port (\d+)")
 # windows, a stream it does not read keeps its handler (and its admission slot)
 # waiting on flow control, however fast the engine is.
 SLOW_READER = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+
+
+def start_stream(client: AsyncClient, max_tokens: int, timeout: float = 120.0) -> grpc.aio.Call:
+    """Start a GenerateStream call (gRPC sends it at once) without reading it."""
+    req = generate_request("Overload", max_tokens=max_tokens, ignore_eos=True)
+    return client.stub.GenerateStream(req, timeout=timeout)  # type: ignore[no-any-return]
+
+
 STARTUP_TIMEOUT = float(os.environ.get("LLMGRPC_TEST_STARTUP_TIMEOUT", "300"))
 
 

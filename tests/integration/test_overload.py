@@ -32,13 +32,12 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from llmgrpc import AsyncClient
-from llmgrpc.client import generate_request
 from llmgrpc.v1 import llm_service_pb2 as pb
 from llmgrpc_server.metrics_http import RENDER_MAX_AGE
 
 from tests import waiting
 from tests.metrics_scrape import scrape, value
-from tests.server_process import ROOT, SLOW_READER, ServerProcess, running
+from tests.server_process import ROOT, SLOW_READER, ServerProcess, running, start_stream
 
 MAX_IN_FLIGHT = 64
 ENGINE_SEQS = 1
@@ -67,12 +66,6 @@ class Outcome:
     tokens: int = 0
     finish: int = 0
     retry_delay: float | None = None
-
-
-def start_stream(client: AsyncClient, max_tokens: int, timeout: float = 120.0) -> grpc.aio.Call:
-    """Start a GenerateStream call (gRPC sends it at once) without reading it."""
-    req = generate_request("Overload", max_tokens=max_tokens, ignore_eos=True)
-    return client.stub.GenerateStream(req, timeout=timeout)  # type: ignore[no-any-return]
 
 
 async def finish_stream(call: grpc.aio.Call, start: float | None = None) -> Outcome:
