@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from llmgrpc_server import cpu_placement
@@ -51,30 +53,21 @@ threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
 print(unbound.pid, worker.pid, flush=True)
 sys.stdin.readline()
 """
-    parent = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        assert parent.stdout is not None
-        unbound, worker = map(int, parent.stdout.readline().split())
-        assert set(cpu_placement.descendants(parent.pid)) >= {unbound, worker}
+    with process_tree(script) as (parent, (unbound, worker)):
+        assert set(cpu_placement.descendants(parent)) >= {unbound, worker}
 
-        placement = cpu_placement.place_front_end(parent.pid)
+        placement = cpu_placement.place_front_end(parent)
 
         assert placement == Placement(frozenset(rest), frozenset({bound}))
-        for pid in (parent.pid, unbound):
+        for pid in (parent, unbound):
             tids = os.listdir(f"/proc/{pid}/task")
-            assert len(tids) >= (2 if pid == parent.pid else 1)
+            assert len(tids) >= (2 if pid == parent else 1)
             assert {t: os.sched_getaffinity(int(t)) for t in tids} == dict.fromkeys(tids, rest)
         assert os.sched_getaffinity(worker) == {bound}  # vLLM's binding left alone
-    finally:
-        for pid in cpu_placement.descendants(parent.pid):
-            os.kill(pid, 9)
-        parent.kill()
-        parent.wait()
 
 
 def test_descendants_named_finds_processes_below_by_name_prefix() -> None:
-    # A child running `sleep` (comm "sleep") and a grandchild named like vLLM's worker.
+    # Two children: one running `sleep` (comm "sleep"), one named like vLLM's worker.
     script = """
 import subprocess, sys
 sleeper = subprocess.Popen(["sleep", "60"])
@@ -83,15 +76,22 @@ named = subprocess.Popen([sys.executable, "-c", "import ctypes, time; "
 print(sleeper.pid, named.pid, flush=True)
 sys.stdin.readline()
 """
+    with process_tree(script) as (parent, (sleeper, named)):
+        # The second child names itself once its interpreter is up.
+        assert poll(lambda: cpu_placement.descendants_named(parent, "VLLM::Worker") == [named])
+        assert cpu_placement.descendants_named(parent, "sleep") == [sleeper]
+        assert cpu_placement.descendants_named(parent, "VLLM::EngineCor") == []
+
+
+@contextmanager
+def process_tree(script: str) -> Iterator[tuple[int, list[int]]]:
+    """Run `script` as a parent process; yield its pid and the pids it prints
+    on its first line; kill it and everything below it afterwards."""
     parent = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:
         assert parent.stdout is not None
-        sleeper, named = map(int, parent.stdout.readline().split())
-        # The grandchild names itself once its interpreter is up.
-        assert poll(lambda: cpu_placement.descendants_named(parent.pid, "VLLM::Worker") == [named])
-        assert cpu_placement.descendants_named(parent.pid, "sleep") == [sleeper]
-        assert cpu_placement.descendants_named(parent.pid, "VLLM::EngineCor") == []
+        yield parent.pid, [int(p) for p in parent.stdout.readline().split()]
     finally:
         for pid in cpu_placement.descendants(parent.pid):
             os.kill(pid, 9)
