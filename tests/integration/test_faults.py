@@ -11,6 +11,7 @@ import random
 import signal
 import time
 from collections import Counter
+from typing import Any
 
 import grpc
 import psutil
@@ -20,6 +21,7 @@ from llmgrpc import AsyncClient
 from llmgrpc.client import generate_request
 from llmgrpc.v1 import llm_service_pb2 as pb
 
+from tests.fresh_process import run_fresh
 from tests.metrics_scrape import value
 from tests.server_process import ServerProcess, running
 from tests.waiting import eventually
@@ -130,7 +132,11 @@ async def test_engine_death_fails_calls_with_unavailable_and_exits_nonzero(
             family = psutil.Process(server.proc.pid).children(recursive=True)
             cores = [p for p in family if "EngineCore" in p.name()]
             assert len(cores) == 1, [(p.pid, p.name()) for p in family]
-            await _kill_engine_under_load(server, cores[0])
+            # The client runs in a process of its own (tests/fresh_process.py
+            # says why): when it acts is what this test is about.
+            seen = await asyncio.to_thread(run_fresh, kill_engine_under_load, server.target,
+                                           cores[0].pid)  # fmt: skip
+            _check_engine_death(seen)
             code = await asyncio.to_thread(server.wait_exit, 60)
             print(f"server exit code {code}")
             assert code != 0, "the server must exit non-zero so it is restarted"
@@ -143,11 +149,15 @@ async def test_engine_death_fails_calls_with_unavailable_and_exits_nonzero(
                     p.kill()
 
 
-async def _kill_engine_under_load(server: ServerProcess, core: psutil.Process) -> None:
-    n, max_tokens = 16, 2000
+ENGINE_DEATH_STREAMS, ENGINE_DEATH_TOKENS = 16, 2000
+
+
+async def kill_engine_under_load(target: str, core_pid: int) -> dict[str, Any]:
+    """The client half: streams, the kill, and what every call and watch saw."""
+    n, max_tokens = ENGINE_DEATH_STREAMS, ENGINE_DEATH_TOKENS
     not_serving_after: dict[str, float] = {}
     killed_at = float("inf")
-    async with AsyncClient(server.target) as client:
+    async with AsyncClient(target) as client:
         statuses: dict[str, list[str]] = {"": [], "llmgrpc.v1.LLMService": []}
 
         async def watch(service: str) -> None:
@@ -183,8 +193,9 @@ async def _kill_engine_under_load(server: ServerProcess, core: psutil.Process) -
         # Kill as soon as the first stream has a token: the other fifteen
         # wait in the engine's queue (first come, first served). No metrics
         # poll in between: on this shared machine one can take many seconds.
+        sent_at = time.monotonic()
         await asyncio.wait_for(generating.wait(), 120)
-        core.send_signal(signal.SIGKILL)
+        psutil.Process(core_pid).send_signal(signal.SIGKILL)
         killed_at = time.monotonic()
         results = await asyncio.wait_for(asyncio.gather(*streams), 60)
         failed_after = time.monotonic() - killed_at
@@ -195,25 +206,37 @@ async def _kill_engine_under_load(server: ServerProcess, core: psutil.Process) -
             late = e.code()
         await asyncio.wait_for(asyncio.gather(*watchers), 60)
 
-    codes = Counter(c.name for c, _, _ in results)
+    return {
+        "results": [(c.name, details, tokens) for c, details, tokens in results],
+        "statuses": statuses, "not_serving_after": not_serving_after, "late": late.name,
+        "first_token_after": killed_at - sent_at, "failed_after": failed_after,
+    }  # fmt: skip
+
+
+def _check_engine_death(seen: dict[str, Any]) -> None:
+    n, max_tokens = ENGINE_DEATH_STREAMS, ENGINE_DEATH_TOKENS
+    results, statuses = seen["results"], seen["statuses"]
+    codes = Counter(c for c, _, _ in results)
     adapter = sum("the engine has stopped" in details for _, details, _ in results)
     print(
-        f"\nengine killed: {n} streams -> {dict(codes)} within {failed_after:.1f} s "
-        f"({adapter} with the adapter's message); health {statuses}, NOT_SERVING after "
-        f"{ {k: round(v, 2) for k, v in not_serving_after.items()} } s; a new call -> {late.name}"
+        f"\nengine killed {seen['first_token_after']:.1f} s after the calls went out: {n} streams -> "
+        f"{dict(codes)} within {seen['failed_after']:.1f} s ({adapter} with the adapter's "
+        f"message); health {statuses}, NOT_SERVING after "
+        f"{ {k: round(v, 2) for k, v in seen['not_serving_after'].items()} } s; a new call -> "
+        f"{seen['late']}"
     )
     # Streams the engine finished before the kill are whole; every other one
     # ends UNAVAILABLE (retry elsewhere), never OK with a cut text, never
     # another code.
     for code, details, tokens in results:
-        if code == grpc.StatusCode.OK:
+        if code == "OK":
             assert tokens == max_tokens
         else:
-            assert code == grpc.StatusCode.UNAVAILABLE, (code, details)
+            assert code == "UNAVAILABLE", (code, details)
     assert codes["UNAVAILABLE"] >= n // 2
     # The adapter mapped EngineDeadError (the process did not just vanish).
     assert adapter > 0
-    assert late == grpc.StatusCode.UNAVAILABLE
-    for service, seen in statuses.items():
-        assert seen[0] == "SERVING", (service, seen)
-        assert "NOT_SERVING" in seen, (service, seen)
+    assert seen["late"] == "UNAVAILABLE"
+    for service, watched in statuses.items():
+        assert watched[0] == "SERVING", (service, watched)
+        assert "NOT_SERVING" in watched, (service, watched)

@@ -1,0 +1,71 @@
+"""Run the client half of an integration test in a process of its own.
+
+    result = run_fresh(client_half, target, 16)          # in a sync test
+    result = await asyncio.to_thread(run_fresh, ...)     # in an asyncio test
+
+`client_half` is a module-level function (sync or `async def`) that takes and
+returns JSON values. It runs in a new interpreter (`python -m
+tests.fresh_process MODULE QUALNAME ARGS`); what it prints reaches the test's
+output, its return value comes back, and an exception there fails the test
+with the child's traceback. The test itself keeps the servers, the metrics
+checks and the assertions.
+
+Why: in the pytest process, after the earlier integration tests, grpc's
+client core now and then went silent for tens of seconds to two minutes (no
+reads, no ping acks, no deadline timers; a new connection opened 27 s late)
+while the server had answered at once. In three CI runs it hit three
+different timing-bound tests: a deadline in the engine's queue, engine death
+(the kill came 31 s after the first token had been sent), cancellation
+(the cancels reached the server after most tokens had been generated). It
+matches grpc/grpc#39113, which `tests/conftest.py` mitigates for the whole
+suite, and it was never seen in a fresh process (a 36-round loop of the
+queue scenario; that test's own client process, tests/queued_deadline_client.py,
+in every CI run since). A test whose verdict depends on when its client acts
+runs that client here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+_RESULT = "fresh-process-result: "
+
+
+def run_fresh(fn: Callable[..., Any], *args: Any, timeout: float = 300.0) -> Any:
+    """`fn(*args)` in a new interpreter; its JSON-encoded return value."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.fresh_process", fn.__module__, fn.__qualname__,
+         json.dumps(args)],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    lines = proc.stdout.splitlines()
+    print("\n".join(line for line in lines if not line.startswith(_RESULT)))
+    if proc.returncode != 0:
+        raise AssertionError(f"{fn.__qualname__} failed in its own process "
+                             f"(exit {proc.returncode}):\n{proc.stderr[-6000:]}")  # fmt: skip
+    results = [line[len(_RESULT):] for line in lines if line.startswith(_RESULT)]
+    assert len(results) == 1, f"{fn.__qualname__} printed no result:\n{proc.stderr[-6000:]}"
+    return json.loads(results[0])
+
+
+def _main(module: str, qualname: str, args: str) -> None:
+    fn = importlib.import_module(module)
+    for name in qualname.split("."):
+        fn = getattr(fn, name)
+    result = fn(*json.loads(args))
+    if inspect.iscoroutine(result):
+        result = asyncio.run(result)
+    print(_RESULT + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    _main(*sys.argv[1:4])
