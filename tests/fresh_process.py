@@ -13,15 +13,13 @@ checks and the assertions.
 Why: in the pytest process, after the earlier integration tests, grpc's
 client core now and then went silent for tens of seconds to two minutes (no
 reads, no ping acks, no deadline timers; a new connection opened 27 s late)
-while the server had answered at once. In three CI runs it hit three
-different timing-bound tests: a deadline in the engine's queue, engine death
-(the kill came 31 s after the first token had been sent), cancellation
-(the cancels reached the server after most tokens had been generated). It
-matches grpc/grpc#39113, which `tests/conftest.py` mitigates for the whole
-suite, and it was never seen in a fresh process (a 36-round loop of the
-queue scenario; that test's own client process, tests/queued_deadline_client.py,
-in every CI run since). A test whose verdict depends on when its client acts
-runs that client here.
+while the server had answered at once. It hit the deadline-in-the-engine-queue
+test three times and the engine-death test once (the kill came 31 s after the
+server had sent the first token). It matches grpc/grpc#39113, which
+`tests/conftest.py` mitigates for the whole suite, and it was never seen in a
+fresh process: not in a 36-round loop of the queue scenario, nor in any CI
+run of the queue test after its client moved out of the pytest process. A
+test whose verdict depends on when its client acts runs that client here.
 """
 
 from __future__ import annotations

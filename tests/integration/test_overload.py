@@ -14,17 +14,16 @@ keeps its slot, so the tests do not depend on how fast the engine is.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import statistics
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from types import SimpleNamespace
+from typing import Any
 
 import grpc
 import psutil
@@ -36,8 +35,9 @@ from llmgrpc.v1 import llm_service_pb2 as pb
 from llmgrpc_server.metrics_http import RENDER_MAX_AGE
 
 from tests import waiting
+from tests.fresh_process import run_fresh
 from tests.metrics_scrape import scrape, value
-from tests.server_process import ROOT, SLOW_READER, ServerProcess, running, start_stream
+from tests.server_process import SLOW_READER, ServerProcess, running, start_stream
 
 MAX_IN_FLIGHT = 64
 ENGINE_SEQS = 1
@@ -243,66 +243,89 @@ async def test_a_huge_prompt_does_not_stall_other_calls(limited: ServerProcess, 
     assert max(probes) < huge_seconds / 2
 
 
-async def test_deadline_expiring_in_the_engine_queue_never_runs(limited: ServerProcess) -> None:
-    url = limited.metrics_url
-    late_calls, late_prompt = 2, 500
+QUEUE_COUNTERS = [
+    ("grpc_server_started_total", {}),
+    ("llmgrpc_requests_deadline_exceeded_total", {}),
+    ("llmgrpc_requests_cancelled_total", {}),
+    *(("grpc_server_handled_total", {"grpc_code": c})
+      for c in ("DEADLINE_EXCEEDED", "CANCELLED", "RESOURCE_EXHAUSTED", "OK")),
+    ("vllm:prompt_tokens_total", {}),
+]  # fmt: skip
+
+
+async def queue_late_calls(target: str, url: str, holders: int, late: int, late_prompt: int,
+                           deadline: float) -> dict[str, Any]:  # fmt: skip
+    """The client half: `holders` streams of LONG tokens on a slow-reader
+    channel fill the engine's queue; then `late` unary calls with
+    `late_prompt`-token prompts and a `deadline` s deadline, on a connection
+    of their own. The holders stay until the server has counted both late
+    calls (or 60 s), so the late ones can never run after them. Returns the
+    late calls' codes, whether they were counted, and the Generate counters'
+    changes (QUEUE_COUNTERS) since before the holders."""
     before = scrape(url)  # the engine is idle: nothing moves while this is read
+    after = before
+
+    def delta(name: str, **labels: str) -> float:
+        labels = {"grpc_method": "Generate", **labels} if name != "vllm:prompt_tokens_total" else {}
+        return sample_value(after, name, **labels) - sample_value(before, name, **labels)
+
+    def counted() -> bool:
+        nonlocal after
+        after = scrape(url)
+        # Generate only: a GenerateStream call of an earlier test may still
+        # expire meanwhile on a slow machine (in CI the total over all
+        # methods differed while the Generate counts were both 2).
+        return (delta("llmgrpc_requests_deadline_exceeded_total") == late
+                and delta("grpc_server_handled_total", grpc_code="DEADLINE_EXCEEDED") == late)
+
+    own = [("grpc.use_local_subchannel_pool", 1)]  # a connection apart from the holders'
+    async with AsyncClient(target, options=SLOW_READER) as holder, \
+            AsyncClient(target, options=own) as client:  # fmt: skip
+        calls = [start_stream(holder, LONG, timeout=300.0) for _ in range(holders)]
+        await asyncio.sleep(0.3)  # sent: the server admits them in this order
+
+        async def late_call() -> str:
+            try:
+                await client.generate(prompt_token_ids=[7] * late_prompt, max_tokens=8,
+                                      timeout=deadline)  # fmt: skip
+            except grpc.aio.AioRpcError as e:
+                return str(e.code().name)
+            return "OK"
+
+        codes = await asyncio.gather(*(late_call() for _ in range(late)))
+        was_counted = await eventually(counted, 60)
+        for call in calls:
+            call.cancel()
+    return {"codes": codes, "counted": was_counted,
+            "prompt_tokens_before": sample_value(before, "vllm:prompt_tokens_total"),
+            "deltas": {f"{name}{labels or ''}": delta(name, **labels)
+                       for name, labels in QUEUE_COUNTERS}}  # fmt: skip
+
+
+async def test_deadline_expiring_in_the_engine_queue_never_runs(limited: ServerProcess) -> None:
+    late_calls, late_prompt = 2, 500
     # 62 holders: one runs in the engine, the others wait (~124,000 decode
     # steps: over 12 s even when this machine is idle and the tiny model
     # decodes ~10,000 tokens/s). Two calls with 500-token prompts and an 8 s
     # deadline queue behind them (first come, first served). The client is a
-    # process of its own (tests/queued_deadline_client.py says why). Nothing
-    # is polled meanwhile: on this shared machine a metrics scrape can take
-    # longer than the queue lasts.
-    client = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.queued_deadline_client", limited.target,
-        *map(str, (MAX_IN_FLIGHT - late_calls, LONG, late_calls, late_prompt, 8.0)),
-        cwd=ROOT, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert client.stdin is not None and client.stdout is not None
-    try:
-        line = await asyncio.wait_for(client.stdout.readline(), 120)
-        codes = json.loads(line)["late"] if line else f"client exited {await client.wait()}"
-        assert codes == ["DEADLINE_EXCEEDED"] * late_calls, codes
-        after = before
-
-        def delta(name: str, **labels: str) -> float:
-            return sample_value(after, name, **labels) - sample_value(before, name, **labels)
-
-        def counted() -> bool:
-            nonlocal after
-            after = scrape(url)
-            # Generate only: a GenerateStream call of an earlier test may
-            # still expire meanwhile on a slow machine (in CI the total over
-            # all methods differed while the Generate counts were both 2).
-            return (delta("llmgrpc_requests_deadline_exceeded_total",
-                          grpc_method="Generate") == late_calls
-                    and delta("grpc_server_handled_total", grpc_method="Generate",
-                              grpc_code="DEADLINE_EXCEEDED") == late_calls)  # fmt: skip
-
-        # The server admitted both (they were not refused) and counted them ...
-        assert await eventually(counted), ", ".join(
-            f"{name}{{{code}}}={delta(name, grpc_method='Generate', **labels):g}"
-            for name, code, labels in [
-                ("grpc_server_started_total", "", {}),
-                ("llmgrpc_requests_deadline_exceeded_total", "", {}),
-                ("llmgrpc_requests_cancelled_total", "", {}),
-                *(("grpc_server_handled_total", c, {"grpc_code": c})
-                  for c in ("DEADLINE_EXCEEDED", "CANCELLED", "RESOURCE_EXHAUSTED", "OK")),
-            ]
-        )  # fmt: skip
-        # ... and the engine aborted them while they waited: never prefilled,
-        # or the prompt counter would have grown by 500 for each (the 62
-        # holders' prompts are 3 tokens each).
-        assert delta("vllm:prompt_tokens_total") < late_prompt
-    finally:
-        client.stdin.close()  # the client cancels its holders and exits
-        assert await asyncio.wait_for(client.wait(), 60) == 0
-        await drained(url)
+    # process of its own (tests/fresh_process.py says why). Nothing is polled
+    # until the late calls end: on this shared machine a metrics scrape can
+    # take longer than the queue lasts.
+    seen = await asyncio.to_thread(run_fresh, queue_late_calls, limited.target,
+                                   limited.metrics_url, MAX_IN_FLIGHT - late_calls, late_calls,
+                                   late_prompt, 8.0)  # fmt: skip
+    assert seen["codes"] == ["DEADLINE_EXCEEDED"] * late_calls, seen
+    # The server admitted both (they were not refused) and counted them ...
+    assert seen["counted"], seen["deltas"]
+    # ... and the engine aborted them while they waited: never prefilled,
+    # or the prompt counter would have grown by 500 for each (the 62
+    # holders' prompts are 3 tokens each).
+    assert seen["deltas"]["vllm:prompt_tokens_total"] < late_prompt, seen["deltas"]
+    await drained(limited.metrics_url)
     # Nor later, once the queue ahead of them was gone: they were aborted,
     # not left waiting.
-    after = scrape(url)
-    assert delta("vllm:prompt_tokens_total") < late_prompt
+    prompt_tokens = value(limited.metrics_url, "vllm:prompt_tokens_total")
+    assert prompt_tokens - seen["prompt_tokens_before"] < late_prompt
 
 
 async def test_calls_that_expire_while_the_server_is_paused_leave_nothing_behind(
