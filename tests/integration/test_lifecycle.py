@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
+from typing import Any
 
 import grpc
 import pytest
@@ -147,32 +150,53 @@ def test_health_and_reflection(llama: ServerProcess) -> None:
         assert {"llmgrpc.v1.LLMService", "grpc.health.v1.Health"} <= names
 
 
+def sigterm_under_load(target: str, url: str, server_pid: int, n: int,
+                       max_tokens: int) -> dict[str, Any]:  # fmt: skip
+    """The client half of the drain test: n streams in flight, SIGTERM to the
+    server, then what health, a new call and each stream saw. Times are
+    `time.monotonic()` (CLOCK_MONOTONIC: the same clock in every process)."""
+    # A slow reader (tiny HTTP/2 windows) that reads nothing until after
+    # SIGTERM: all n streams are surely in flight when it arrives (still
+    # sending; on this machine most are still generating too).
+    with Client(target, options=SLOW_READER) as slow, Client(target) as client:
+        req = generate_request("Drain me", max_tokens=max_tokens, ignore_eos=True)
+        calls = [slow.stub.GenerateStream(req, timeout=120) for _ in range(n)]
+        assert poll(lambda: value(url, "llmgrpc_active_streams") == n, 60)
+        sigterm_at = time.monotonic()
+        os.kill(server_pid, signal.SIGTERM)
+        not_serving = poll(lambda: client.health() == "NOT_SERVING", 5)
+        liveness = client.health("")  # keeps passing while draining
+        try:
+            client.generate("too late", max_tokens=1, timeout=5)
+            late = ["OK", ""]
+        except grpc.RpcError as e:
+            late = [e.code().name, e.details()]
+        streams = []
+        for call in calls:
+            received: list[pb.GenerateResponse] = list(call)
+            streams.append([pb.FinishReason.Name(received[-1].finish_reason),
+                            sum(len(d.token_ids) for d in received)])  # fmt: skip
+    return {"sigterm_at": sigterm_at, "not_serving": not_serving, "liveness": liveness,
+            "late": late, "streams": streams}  # fmt: skip
+
+
 def test_sigterm_drains_in_flight_streams_then_exits_zero(request: pytest.FixtureRequest) -> None:
     n, max_tokens = 16, 1500
     with running(["--drain-timeout", "60"], "drain", request) as server:
         server.wait_serving()
-        # A slow reader (tiny HTTP/2 windows) that reads nothing until after
-        # SIGTERM: all sixteen streams are surely in flight when it arrives
-        # (still sending; on this machine most are still generating too).
-        with Client(server.target, options=SLOW_READER) as slow, Client(server.target) as client:
-            req = generate_request("Drain me", max_tokens=max_tokens, ignore_eos=True)
-            calls = [slow.stub.GenerateStream(req, timeout=120) for _ in range(n)]
-            assert poll(lambda: value(server.metrics_url, "llmgrpc_active_streams") == n, 60)
-            sigterm_at = time.monotonic()
-            server.signal()
-            assert poll(lambda: client.health() == "NOT_SERVING", 5)
-            assert client.health("") == "SERVING"  # liveness keeps passing while draining
-            with pytest.raises(grpc.RpcError) as e:
-                client.generate("too late", max_tokens=1, timeout=5)
-            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert "shutting down" in e.value.details()
-            # Every in-flight stream completes, nothing truncated.
-            for call in calls:
-                received: list[pb.GenerateResponse] = list(call)
-                assert received[-1].finish_reason == pb.FINISH_REASON_LENGTH
-                assert sum(len(d.token_ids) for d in received) == max_tokens
+        assert server.proc is not None
+        # The client is a process of its own (tests/fresh_process.py says why):
+        # health must turn within 5 s of the SIGTERM.
+        seen = run_fresh(sigterm_under_load, server.target, server.metrics_url, server.proc.pid,
+                         n, max_tokens)  # fmt: skip
+        assert seen["not_serving"]
+        assert seen["liveness"] == "SERVING"
+        code, details = seen["late"]
+        assert code == "UNAVAILABLE" and "shutting down" in details, seen["late"]
+        # Every in-flight stream completes, nothing truncated.
+        assert seen["streams"] == [["FINISH_REASON_LENGTH", max_tokens]] * n
         assert server.wait_exit(timeout=120) == 0
         print(
             f"\ndrain of {n} streams x {max_tokens} tokens: exit 0 "
-            f"{time.monotonic() - sigterm_at:.1f} s after SIGTERM"
+            f"{time.monotonic() - seen['sigterm_at']:.1f} s after SIGTERM"
         )
