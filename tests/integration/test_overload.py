@@ -212,10 +212,11 @@ async def test_sustained_overload_keeps_memory_bounded(limited: ServerProcess) -
 
 
 @pytest.mark.parametrize("rpc", ["Generate", "Tokenize"])
-async def test_a_huge_prompt_does_not_stall_other_calls(limited: ServerProcess, rpc: str) -> None:
-    """Tokenizing megabytes of text takes seconds. It must not hold the event
-    loop that answers every other call, health checks included, meanwhile."""
-    async with AsyncClient(limited.target) as client, AsyncClient(limited.target) as prober:
+async def probe_during_huge_call(target: str, rpc: str) -> dict[str, Any]:
+    """The client half: one huge `rpc` call, health checks on another channel
+    until it ends. Returns the call's outcome, how long it took and each
+    health check's seconds."""
+    async with AsyncClient(target) as client, AsyncClient(target) as prober:
         await prober.health()
         start = time.monotonic()
         if rpc == "Generate":  # 6 MB: refused once tokenized, far too long
@@ -230,12 +231,24 @@ async def test_a_huge_prompt_does_not_stall_other_calls(limited: ServerProcess, 
             probes.append(time.monotonic() - t)
             await asyncio.sleep(0.05)
         huge_seconds = time.monotonic() - start
-        if rpc == "Generate":
-            with pytest.raises(grpc.aio.AioRpcError) as e:
-                await huge
-            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        else:
-            assert len((await huge).token_ids) == 600_002  # BOS, 6 per "hello world ", "Ġ"
+        try:
+            outcome: str | int = len((await huge).token_ids)
+        except grpc.aio.AioRpcError as e:
+            outcome = e.code().name
+    return {"outcome": outcome, "seconds": huge_seconds, "probes": probes}
+
+
+async def test_a_huge_prompt_does_not_stall_other_calls(limited: ServerProcess, rpc: str) -> None:
+    """Tokenizing megabytes of text takes seconds. It must not hold the event
+    loop that answers every other call, health checks included, meanwhile.
+    The client is a process of its own (tests/fresh_process.py says why): a
+    stalled client would delay its own probes, not the server's answers."""
+    seen = await asyncio.to_thread(run_fresh, probe_during_huge_call, limited.target, rpc)
+    probes, huge_seconds = seen["probes"], seen["seconds"]
+    if rpc == "Generate":
+        assert seen["outcome"] == "INVALID_ARGUMENT"
+    else:
+        assert seen["outcome"] == 600_002  # BOS, 6 per "hello world ", "Ġ"
     print(f"\n{rpc} of a huge prompt answered after {huge_seconds:.1f} s; {len(probes)} "
           f"health checks meanwhile, slowest {max(probes) * 1000:.0f} ms")  # fmt: skip
     # Before the fix the first probe waited for the whole tokenization.
@@ -311,9 +324,21 @@ async def test_deadline_expiring_in_the_engine_queue_never_runs(limited: ServerP
     # process of its own (tests/fresh_process.py says why). Nothing is polled
     # until the late calls end: on this shared machine a metrics scrape can
     # take longer than the queue lasts.
-    seen = await asyncio.to_thread(run_fresh, queue_late_calls, limited.target,
-                                   limited.metrics_url, MAX_IN_FLIGHT - late_calls, late_calls,
-                                   late_prompt, 8.0)  # fmt: skip
+    # The late calls must reach the server for there to be anything to test.
+    # Now and then grpc's client core stalls for tens of seconds (also in a
+    # fresh process: docs/reliability.md) and sends them only after their
+    # deadline, so the server never sees them. Then the scenario runs again,
+    # up to three times; once both reached the server, every assertion holds.
+    for attempt in range(1, 4):
+        seen = await asyncio.to_thread(run_fresh, queue_late_calls, limited.target,
+                                       limited.metrics_url, MAX_IN_FLIGHT - late_calls,
+                                       late_calls, late_prompt, 8.0)  # fmt: skip
+        reached = seen["deltas"]["grpc_server_started_total"]
+        if reached == late_calls or attempt == 3:
+            break
+        print(f"\nattempt {attempt}: {reached:g} of {late_calls} late calls reached the server; "
+              f"again")  # fmt: skip
+        await drained(limited.metrics_url)
     assert seen["codes"] == ["DEADLINE_EXCEEDED"] * late_calls, seen
     # The server admitted both (they were not refused) and counted them ...
     assert seen["counted"], seen["deltas"]
