@@ -211,7 +211,6 @@ async def test_sustained_overload_keeps_memory_bounded(limited: ServerProcess) -
     assert rss_after - rss_before < 32, (rss_before, rss_after)
 
 
-@pytest.mark.parametrize("rpc", ["Generate", "Tokenize"])
 async def probe_during_huge_call(target: str, rpc: str) -> dict[str, Any]:
     """The client half: one huge `rpc` call, health checks on another channel
     until it ends. Returns the call's outcome, how long it took and each
@@ -238,6 +237,7 @@ async def probe_during_huge_call(target: str, rpc: str) -> dict[str, Any]:
     return {"outcome": outcome, "seconds": huge_seconds, "probes": probes}
 
 
+@pytest.mark.parametrize("rpc", ["Generate", "Tokenize"])
 async def test_a_huge_prompt_does_not_stall_other_calls(limited: ServerProcess, rpc: str) -> None:
     """Tokenizing megabytes of text takes seconds. It must not hold the event
     loop that answers every other call, health checks included, meanwhile.
