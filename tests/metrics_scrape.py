@@ -19,5 +19,11 @@ def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
 
 def value(url: str, name: str, **labels: str) -> float:
     """Sum of the samples named `name` whose labels include `labels`."""
+    return sample_value(scrape(url), name, **labels)
+
+
+def sample_value(sample: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
+                 **labels: str) -> float:  # fmt: skip
+    """`value()` on a sample already scraped (one scrape for several numbers)."""
     want = set(labels.items())
-    return sum(v for (n, ls), v in scrape(url).items() if n == name and want <= ls)
+    return sum(v for (n, ls), v in sample.items() if n == name and want <= ls)

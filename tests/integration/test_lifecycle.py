@@ -15,7 +15,7 @@ from llmgrpc.client import generate_request
 from llmgrpc.v1 import llm_service_pb2 as pb
 
 from tests.fresh_process import run_fresh
-from tests.metrics_scrape import scrape, value
+from tests.metrics_scrape import sample_value, scrape, value
 from tests.server_process import SLOW_READER, ServerProcess, running
 from tests.waiting import poll
 
@@ -35,12 +35,9 @@ def start_hold_and_cancel(target: str, url: str, n: int, max_tokens: int) -> dic
         def holding() -> bool:
             nonlocal generated
             sample = scrape(url)
-
-            def total(name: str) -> float:
-                return sum(v for (sample_name, _), v in sample.items() if sample_name == name)
-
-            generated = total("vllm:generation_tokens_total")
-            return total("vllm:num_requests_running") >= 4 and total("vllm:kv_cache_usage_perc") > 0
+            generated = sample_value(sample, "vllm:generation_tokens_total")
+            return (sample_value(sample, "vllm:num_requests_running") >= 4
+                    and sample_value(sample, "vllm:kv_cache_usage_perc") > 0)
 
         assert poll(holding, 60)
         for s in streams:

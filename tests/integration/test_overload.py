@@ -36,7 +36,7 @@ from llmgrpc_server.metrics_http import RENDER_MAX_AGE
 
 from tests import waiting
 from tests.fresh_process import run_fresh
-from tests.metrics_scrape import scrape, value
+from tests.metrics_scrape import sample_value, scrape, value
 from tests.server_process import SLOW_READER, ServerProcess, running, start_stream
 
 MAX_IN_FLIGHT = 64
@@ -131,13 +131,6 @@ async def drained(url: str) -> None:
     for gauge in ("llmgrpc_active_streams", "vllm:num_requests_running",
                   "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"):  # fmt: skip
         assert await eventually(lambda g=gauge: value(url, g) == 0), gauge  # type: ignore[misc]
-
-
-def sample_value(sample: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
-                 **labels: str) -> float:  # fmt: skip
-    """`value()` on a sample already scraped (one scrape for several numbers)."""
-    want = set(labels.items())
-    return sum(v for (n, ls), v in sample.items() if n == name and want <= ls)
 
 
 def rss_mib(server: ServerProcess) -> float:
