@@ -45,7 +45,7 @@ serve: install
 	$(BIN)/llmgrpc-server --model $(MODEL) $(ARGS)
 
 test: install
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 test-fast: install
 	$(BIN)/pytest -q -m "not engine"
