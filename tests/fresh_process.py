@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-_RESULT = "fresh-process-result: "
+RESULT_MARKER = "fresh-process-result: "
 
 
 def run_fresh(fn: Callable[..., Any], *args: Any, timeout: float = 300.0) -> Any:
@@ -48,11 +48,11 @@ def run_fresh(fn: Callable[..., Any], *args: Any, timeout: float = 300.0) -> Any
         cwd=ROOT, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
     lines = proc.stdout.splitlines()
-    print("\n".join(line for line in lines if not line.startswith(_RESULT)))
+    print("\n".join(line for line in lines if not line.startswith(RESULT_MARKER)))
     if proc.returncode != 0:
         raise AssertionError(f"{fn.__qualname__} failed in its own process "
                              f"(exit {proc.returncode}):\n{proc.stderr[-6000:]}")  # fmt: skip
-    results = [line[len(_RESULT):] for line in lines if line.startswith(_RESULT)]
+    results = [line[len(RESULT_MARKER):] for line in lines if line.startswith(RESULT_MARKER)]
     assert len(results) == 1, f"{fn.__qualname__} printed no result:\n{proc.stderr[-6000:]}"
     return json.loads(results[0])
 
@@ -64,7 +64,7 @@ def _main(module: str, qualname: str, args: str) -> None:
     result = fn(*json.loads(args))
     if inspect.iscoroutine(result):
         result = asyncio.run(result)
-    print(_RESULT + json.dumps(result), flush=True)
+    print(RESULT_MARKER + json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

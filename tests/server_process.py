@@ -71,7 +71,12 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             [str(SERVER), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *self.args],
             stdout=self.log_path.open("wb"), stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-            start_new_session=True,
+            # A process group of its own (killpg on stop) but not a session:
+            # Linux's autogroup scheduler gives every session a CPU share of
+            # its own, and with the server in a new session this 2-core
+            # machine ran the queue-deadline scenario 2-16x slower and lost
+            # calls for minutes (docs/reliability.md, scripts/grpc_stall_loop.py).
+            process_group=0,
         )  # fmt: skip
         return self
 
