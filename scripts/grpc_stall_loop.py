@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,30 +27,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.fresh_process import RESULT_MARKER
-from tests.integration.test_overload import MAX_IN_FLIGHT, drained
+import tests.conftest  # noqa: F401  (the suite's GRPC_EXPERIMENTS, set before grpc is imported)
+from tests.fresh_process import run_fresh
+from tests.integration.test_overload import MAX_IN_FLIGHT, drained, queue_late_calls
 from tests.server_process import launch
 
 LATE, LATE_PROMPT, DEADLINE = 2, 500, 8.0
 
 
 def one_round(target: str, url: str, trace: str, err_path: Path) -> tuple[float, dict]:
-    env = {**os.environ, "GRPC_EXPERIMENTS": os.environ.get("GRPC_EXPERIMENTS", "-event_engine_client")}
-    if trace:
-        env |= {"GRPC_TRACE": trace, "GRPC_VERBOSITY": "debug"}
-    args = [target, url, MAX_IN_FLIGHT - LATE, LATE, LATE_PROMPT, DEADLINE]
+    """One scenario in a fresh client process: seconds taken, its result."""
+    env = {"GRPC_TRACE": trace, "GRPC_VERBOSITY": "debug"} if trace else {}
     start = time.monotonic()
-    child = subprocess.run(
-        [sys.executable, "-m", "tests.fresh_process", "tests.integration.test_overload",
-         "queue_late_calls", json.dumps(args)],
-        check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    took = time.monotonic() - start
-    err_path.write_text(child.stderr)
-    lines = [line for line in child.stdout.splitlines() if line.startswith(RESULT_MARKER)]
-    if child.returncode or not lines:
-        raise RuntimeError(f"client failed ({child.returncode}); stderr in {err_path}")
-    return took, json.loads(lines[-1][len(RESULT_MARKER):])
+    seen = run_fresh(queue_late_calls, target, url, MAX_IN_FLIGHT - LATE, LATE, LATE_PROMPT,
+                     DEADLINE, timeout=600, env=env, stderr_path=err_path)  # fmt: skip
+    return time.monotonic() - start, seen
 
 
 def main() -> None:

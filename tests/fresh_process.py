@@ -30,6 +30,7 @@ import asyncio
 import importlib
 import inspect
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -37,22 +38,29 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULT_MARKER = "fresh-process-result: "
+_RESULT = "fresh-process-result: "
 
 
-def run_fresh(fn: Callable[..., Any], *args: Any, timeout: float = 300.0) -> Any:
-    """`fn(*args)` in a new interpreter; its JSON-encoded return value."""
+def run_fresh(fn: Callable[..., Any], *args: Any, timeout: float = 300.0,
+              env: dict[str, str] | None = None, stderr_path: Path | None = None) -> Any:  # fmt: skip
+    """`fn(*args)` in a new interpreter; its JSON-encoded return value.
+
+    `env` adds to the child's environment (a GRPC_TRACE, say); the child's
+    whole stderr goes to `stderr_path` when one is given."""
     proc = subprocess.run(
         [sys.executable, "-m", "tests.fresh_process", fn.__module__, fn.__qualname__,
          json.dumps(args)],
-        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+        timeout=timeout,
     )  # fmt: skip
+    if stderr_path is not None:
+        stderr_path.write_text(proc.stderr)
     lines = proc.stdout.splitlines()
-    print("\n".join(line for line in lines if not line.startswith(RESULT_MARKER)))
+    print("\n".join(line for line in lines if not line.startswith(_RESULT)))
     if proc.returncode != 0:
         raise AssertionError(f"{fn.__qualname__} failed in its own process "
                              f"(exit {proc.returncode}):\n{proc.stderr[-6000:]}")  # fmt: skip
-    results = [line[len(RESULT_MARKER):] for line in lines if line.startswith(RESULT_MARKER)]
+    results = [line[len(_RESULT):] for line in lines if line.startswith(_RESULT)]
     assert len(results) == 1, f"{fn.__qualname__} printed no result:\n{proc.stderr[-6000:]}"
     return json.loads(results[0])
 
@@ -64,7 +72,7 @@ def _main(module: str, qualname: str, args: str) -> None:
     result = fn(*json.loads(args))
     if inspect.iscoroutine(result):
         result = asyncio.run(result)
-    print(RESULT_MARKER + json.dumps(result), flush=True)
+    print(_RESULT + json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
