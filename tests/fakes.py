@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from llmgrpc_server import domain
-from llmgrpc_server.convert import Limits
+from llmgrpc_server.domain import Limits
 from llmgrpc_server.errors import DeadlineExceeded, PromptTooLong
 
 VOCAB = 128

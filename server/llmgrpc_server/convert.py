@@ -11,63 +11,12 @@ from __future__ import annotations
 import json
 import math
 import uuid
-from dataclasses import dataclass, replace
 
 from llmgrpc.v1 import llm_service_pb2 as pb
 
 from llmgrpc_server import domain
-from llmgrpc_server.errors import FailedPrecondition, InvalidArgument, NotFound, PromptTooLong
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What the served model and the operator allow."""
-
-    vocab_size: int
-    max_model_len: int
-    max_logprobs: int = 20
-    max_stop_strings: int = 16
-    max_request_id_len: int = 256
-    has_chat_template: bool = True
-    # The names a request may ask for (vLLM's served model names); a request
-    # that names none is served too.
-    model_names: tuple[str, ...] = ()
-    # The operator's caps (--max-prompt-tokens, --max-tokens-limit); None: the
-    # model's context is the only bound.
-    max_prompt_tokens_cap: int | None = None
-    max_tokens_cap: int | None = None
-
-    @property
-    def max_prompt_tokens(self) -> int:
-        # At least one token of the context must be left to generate.
-        return _smaller(self.max_model_len - 1, self.max_prompt_tokens_cap)
-
-    @property
-    def max_tokens(self) -> int:
-        return _smaller(self.max_model_len, self.max_tokens_cap)
-
-    def capped(self, max_prompt_tokens: int | None, max_tokens: int | None) -> Limits:
-        """These limits with the operator's caps (None leaves a cap unset)."""
-        return replace(self, max_prompt_tokens_cap=max_prompt_tokens, max_tokens_cap=max_tokens)
-
-
-def _smaller(model_limit: int, cap: int | None) -> int:
-    return model_limit if cap is None else min(model_limit, cap)
-
-
-def check_prompt_length(field: str, num_tokens: int, limits: Limits) -> None:
-    """PromptTooLong (with the limit and the actual length) past the prompt limit."""
-    if num_tokens > limits.max_prompt_tokens:
-        limit = limits.max_prompt_tokens
-        raise PromptTooLong(field, limit, num_tokens, by=_prompt_limit_source(limits))
-
-
-def _prompt_limit_source(limits: Limits) -> str:
-    capped = limits.max_prompt_tokens_cap is not None and (
-        limits.max_prompt_tokens_cap < limits.max_model_len - 1
-    )
-    return "the server's --max-prompt-tokens" if capped else "the model's limit"
-
+from llmgrpc_server.domain import Limits, check_prompt_length
+from llmgrpc_server.errors import FailedPrecondition, InvalidArgument, NotFound
 
 # --- requests -----------------------------------------------------------------
 

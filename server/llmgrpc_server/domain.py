@@ -6,8 +6,10 @@ into these (see convert.py), the engine adapter turns these into vLLM calls.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
+
+from llmgrpc_server.errors import PromptTooLong
 
 
 class FinishReason(Enum):
@@ -157,3 +159,56 @@ class ModelInfo:
     hf_config: dict[str, object]
     has_chat_template: bool
     max_logprobs: int
+
+
+# --- limits -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the served model and the operator allow."""
+
+    vocab_size: int
+    max_model_len: int
+    max_logprobs: int = 20
+    max_stop_strings: int = 16
+    max_request_id_len: int = 256
+    has_chat_template: bool = True
+    # The names a request may ask for (vLLM's served model names); a request
+    # that names none is served too.
+    model_names: tuple[str, ...] = ()
+    # The operator's caps (--max-prompt-tokens, --max-tokens-limit); None: the
+    # model's context is the only bound.
+    max_prompt_tokens_cap: int | None = None
+    max_tokens_cap: int | None = None
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        # At least one token of the context must be left to generate.
+        return _smaller(self.max_model_len - 1, self.max_prompt_tokens_cap)
+
+    @property
+    def max_tokens(self) -> int:
+        return _smaller(self.max_model_len, self.max_tokens_cap)
+
+    def capped(self, max_prompt_tokens: int | None, max_tokens: int | None) -> Limits:
+        """These limits with the operator's caps (None leaves a cap unset)."""
+        return replace(self, max_prompt_tokens_cap=max_prompt_tokens, max_tokens_cap=max_tokens)
+
+
+def _smaller(model_limit: int, cap: int | None) -> int:
+    return model_limit if cap is None else min(model_limit, cap)
+
+
+def check_prompt_length(field: str, num_tokens: int, limits: Limits) -> None:
+    """PromptTooLong (with the limit and the actual length) past the prompt limit."""
+    if num_tokens > limits.max_prompt_tokens:
+        limit = limits.max_prompt_tokens
+        raise PromptTooLong(field, limit, num_tokens, by=_prompt_limit_source(limits))
+
+
+def _prompt_limit_source(limits: Limits) -> str:
+    capped = limits.max_prompt_tokens_cap is not None and (
+        limits.max_prompt_tokens_cap < limits.max_model_len - 1
+    )
+    return "the server's --max-prompt-tokens" if capped else "the model's limit"

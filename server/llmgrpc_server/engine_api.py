@@ -1,6 +1,6 @@
 """The interface the servicer needs from an engine.
 
-`vllm_engine.VllmEngine` implements it on vLLM; tests implement it with a
+`vllm_adapter.engine.VllmEngine` implements it on vLLM; tests implement it with a
 small fake. Nothing here imports vLLM.
 """
 
@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Protocol
 
 from llmgrpc_server import domain
-from llmgrpc_server.convert import Limits
+from llmgrpc_server.domain import Limits
 
 
 class Engine(Protocol):

@@ -23,13 +23,13 @@ EMBEDDED_KV_CACHE_BYTES = 64 * 1024 * 1024
 
 
 def parse(argv: list[str] | None) -> tuple[server_config.ServerConfig, Any]:
-    from llmgrpc_server import vllm_engine
+    from llmgrpc_server.vllm_adapter import settings as vllm_settings
 
-    parser = vllm_engine.make_parser(
+    parser = vllm_settings.make_parser(
         prog="llmgrpc-server", description="Serve a language model over gRPC with vLLM."
     )
     server_config.add_cli_args(parser)
-    vllm_engine.add_engine_cli_args(parser)
+    vllm_settings.add_engine_cli_args(parser)
     parser.set_defaults(model=models.DEFAULT_MODEL)
     ns = parser.parse_args(argv)
     config = server_config.from_namespace(ns)
@@ -40,8 +40,8 @@ def parse(argv: list[str] | None) -> tuple[server_config.ServerConfig, Any]:
             ns.served_model_name = [name]
         if ns.kv_cache_memory_bytes is None:
             ns.kv_cache_memory_bytes = EMBEDDED_KV_CACHE_BYTES
-        vllm_engine.prefer_compact_json(ns)
-    return config, vllm_engine.engine_args_from_cli(ns)
+        vllm_settings.prefer_compact_json(ns)
+    return config, vllm_settings.engine_args_from_cli(ns)
 
 
 def served_name(engine_args: Any) -> str:
@@ -54,7 +54,7 @@ def served_name(engine_args: Any) -> str:
 async def run(config: server_config.ServerConfig, engine_args: Any) -> int:
     from llmgrpc_server import server
     from llmgrpc_server.metrics import GrpcMetrics
-    from llmgrpc_server.vllm_engine import VllmEngine
+    from llmgrpc_server.vllm_adapter.engine import VllmEngine
 
     if config.metrics_port >= 0:
         from prometheus_client import disable_created_metrics

@@ -49,7 +49,7 @@ async def test_under_load_messages_carry_several_tokens_and_keep_the_contract(
     llama: ServerProcess,
 ) -> None:
     # 24 requests in flight: a new stream gets 6 tokens per message
-    # (vllm_engine.tokens_per_message), or more if it falls behind. The
+    # (policy.tokens_per_message), or more if it falls behind. The
     # holders are read by a client with tiny HTTP/2 windows that reads only
     # their first message: they stay in flight (blocked on flow control)
     # however fast the engine finishes their tokens.

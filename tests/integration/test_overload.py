@@ -411,7 +411,7 @@ async def test_adapter_refuses_a_request_whose_deadline_has_passed() -> None:
     that fails the test if anything is submitted.)"""
     from llmgrpc_server import domain
     from llmgrpc_server.errors import DeadlineExceeded
-    from llmgrpc_server.vllm_engine import VllmEngine
+    from llmgrpc_server.vllm_adapter.engine import VllmEngine
 
     class StubLLM:
         errored = False

@@ -3,7 +3,7 @@
 Each is a flag on `llmgrpc-server`, lands in `ServerConfig`, and is enforced
 with a status whose message names the limit. The text-prompt length check
 needs a tokenizer, so here it runs in a fake engine through the same helper
-(`convert.check_prompt_length`) the vLLM adapter uses; the real adapter is
+(`domain.check_prompt_length`) the vLLM adapter uses; the real adapter is
 covered by tests/integration/test_security.py, whose server runs with these
 flags.
 """
@@ -23,7 +23,8 @@ from llmgrpc import AsyncClient
 from llmgrpc_server import config as server_config
 from llmgrpc_server import domain
 from llmgrpc_server.config import ServerConfig
-from llmgrpc_server.convert import Limits, check_prompt_length
+from llmgrpc_server.domain import Limits, check_prompt_length
+from llmgrpc_server.policy import tokens_per_message
 
 from tests.fakes import FakeEngine
 from tests.unit.conftest import FakeServer, start_fake
@@ -97,8 +98,6 @@ def test_flags_reach_the_config() -> None:
      (500, 1, 1), (500, 16, 16), (40, 16, 10)],
 )  # fmt: skip
 def test_tokens_per_message(in_flight: int, cap: int, tokens: int) -> None:
-    from llmgrpc_server.vllm_engine import tokens_per_message  # imports vLLM
-
     assert tokens_per_message(in_flight, cap) == tokens
 
 

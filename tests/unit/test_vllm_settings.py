@@ -14,7 +14,7 @@ import sys
 PROBE = """
 import os
 import vllm.envs as envs
-from llmgrpc_server.vllm_engine import cache_vllm_settings
+from llmgrpc_server.vllm_adapter.settings import cache_vllm_settings
 os.environ["VLLM_COMPUTE_NANS_IN_LOGITS"] = "0"
 before = envs.VLLM_COMPUTE_NANS_IN_LOGITS
 os.environ["VLLM_COMPUTE_NANS_IN_LOGITS"] = "1"

