@@ -1,7 +1,7 @@
 """GetModelInfo: the engine's facts plus the architecture facts of the config.
 
 The architecture arithmetic (attention kind, parameters, KV bytes per token)
-is the capacity planner's (llmgrpc.capacity), so `llmgrpc plan` and a running
+lives in `llmgrpc.architecture`, which the planner builds on, so `llmgrpc plan` and a running
 server always agree.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from llmgrpc import capacity
+from llmgrpc import architecture
 from llmgrpc.v1 import llm_service_pb2 as pb
 
 from llmgrpc_server import domain
@@ -26,15 +26,15 @@ _ATTENTION = {
 }
 
 
-def architecture_facts(info: domain.ModelInfo) -> capacity.ArchitectureFacts | None:
+def architecture_facts(info: domain.ModelInfo) -> architecture.ArchitectureFacts | None:
     try:
-        return capacity.facts_from_config(info.hf_config)
+        return architecture.facts_from_config(info.hf_config)
     except Exception:  # an exotic config must not break GetModelInfo
         log.warning("architecture facts unavailable for %s", info.model_name, exc_info=True)
         return None
 
 
-def to_architecture(facts: capacity.ArchitectureFacts, kv_dtype: str) -> pb.Architecture:
+def to_architecture(facts: architecture.ArchitectureFacts, kv_dtype: str) -> pb.Architecture:
     msg = pb.Architecture(
         model_type=facts.model_type,
         architectures=list(facts.architectures),
