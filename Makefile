@@ -51,8 +51,9 @@ test-fast: install
 	$(BIN)/pytest -q -m "not engine"
 
 lint: install
-	$(BIN)/ruff check server client tests
+	$(BIN)/ruff check server client scripts deploy/k8s/sync_monitoring.py tests
 	$(BIN)/mypy
+	$(BIN)/mypy scripts deploy/k8s/sync_monitoring.py
 	.tools/node_modules/.bin/buf lint
 
 proto:

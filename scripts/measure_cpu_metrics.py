@@ -10,6 +10,8 @@ exposed and whether it changed. Used for docs/observability.md.
 
 from __future__ import annotations
 
+import argparse
+import shutil
 import sys
 import threading
 import time
@@ -22,18 +24,22 @@ from llmgrpc import Client
 
 from tests import promql
 from tests.metrics_scrape import scrape
-from tests.server_process import cleanup_logs, launch
+from tests.server_process import launch
 
 PREFIX = "A shared prefix so that the prefix cache has whole blocks to hit. " * 12
 GAUGES = ("vllm:kv_cache_usage_perc", "vllm:num_requests_running", "vllm:num_requests_waiting")
 
 
-def family(sample: dict, name: str) -> dict:
+Sample = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def family(sample: Sample, name: str) -> Sample:
     names = {name, f"{name}_count", f"{name}_sum", f"{name}_bucket"}
     return {k: v for k, v in sample.items() if k[0] in names}
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     # A small KV cache (1 MiB = 1,024 tokens = 7 usable blocks of 128, so max-model-len 896) and prompts
     # longer than a block, so that preemptions and prefix-cache hits can happen.
     server = launch(["--max-num-seqs", "4", "--kv-cache-memory-bytes", str(1 << 20),
@@ -86,7 +92,7 @@ def main() -> None:
               f"{sizes[-1]} bytes, {len(after)} series")  # fmt: skip
     finally:
         server.stop()
-        cleanup_logs(server)
+        shutil.rmtree(server.log_path.parent, ignore_errors=True)
 
 
 if __name__ == "__main__":

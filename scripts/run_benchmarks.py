@@ -41,10 +41,11 @@ from typing import Any
 from llmgrpc import bench
 from llmgrpc.bench_backends import make_backend
 from llmgrpc_server import cpu_placement
+from llmgrpc_server.models import default_models_dir
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "tiny-llama-gqa"
-MODEL_DIR = Path(os.environ.get("LLMGRPC_MODELS_DIR", Path.home() / ".cache/llmgrpc/models")) / MODEL
+MODEL_DIR = default_models_dir() / MODEL
 LEVELS = (1, 8, 32, 64)
 UNARY_LEVELS = (1, 32)
 MAX_TOKENS, PROMPT_LEN = 128, 32

@@ -33,12 +33,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from llmgrpc.bench_backends import (
-    Backend,
-    EngineSettings,
-    RequestResult,
-    make_backend,
-)
+from llmgrpc.bench_backends import Backend, RequestResult, make_backend
 
 PERCENTILES = (50, 90, 99)
 # Common words: a prompt of n words is about 2.4 n tokens for the embedded models'
@@ -281,9 +276,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--unary", action="store_true", help="grpc: call Generate, not GenerateStream")
     p.add_argument("--timeout", type=float, default=None, help="per-request deadline, seconds")
-    p.add_argument("--kv-cache-memory-bytes", type=int, default=64 * 1024 * 1024,
-                   help="inprocess: as llmgrpc-server sets for embedded models")  # fmt: skip
-    p.add_argument("--max-model-len", type=int, default=2048, help="inprocess")
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None,
+                   help="inprocess: the server's default (64 MiB for embedded models)")  # fmt: skip
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="inprocess: the server's default (the model's context)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
 
@@ -311,11 +307,14 @@ def run(args: argparse.Namespace) -> int:
     """Run the benchmark; 0 when every request succeeded, 1 otherwise."""
     try:
         workload = workload_from_args(args)
-        engine = EngineSettings(model=args.model, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-                                max_model_len=args.max_model_len)  # fmt: skip
+        server_args = [
+            arg for flag, value in (("--kv-cache-memory-bytes", args.kv_cache_memory_bytes),
+                                    ("--max-model-len", args.max_model_len))
+            if value is not None for arg in (flag, str(value))
+        ]  # fmt: skip
         backend = make_backend(
             args.backend, target=args.target, url=args.url, model=args.model,
-            stream=not args.unary, timeout=args.timeout, engine=engine,
+            stream=not args.unary, timeout=args.timeout, server_args=server_args,
         )  # fmt: skip
     except ValueError as e:
         print(f"llmgrpc bench: {e}", file=sys.stderr)

@@ -2,9 +2,10 @@
 
 - `GrpcBackend`: an llmgrpc server (GenerateStream, or Generate with `stream=False`);
 - `OpenAIBackend`: an OpenAI-compatible HTTP server (vLLM's), streaming `/v1/completions`;
-- `InProcessBackend`: vLLM's `AsyncLLM` in this process, no network at all (the limit
-  a front end can reach). vLLM is imported only when this backend starts, so the
-  client package stays importable without vLLM or torch; aiohttp likewise.
+- the in-process engine (`--backend inprocess`): vLLM's `AsyncLLM` in this process, no
+  network at all (the limit a front end can reach). It is the server's
+  (`llmgrpc_server.vllm_adapter.inprocess`, installed with `llmgrpc[server]`), so
+  the client package stays importable without vLLM or torch; aiohttp likewise.
 
 Every backend times requests the same way (`Recorder`): the clock starts just
 before the request is sent, and each message that carries tokens is stamped on
@@ -13,13 +14,10 @@ arrival.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import time
-import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -97,14 +95,14 @@ class Backend(Protocol):
     async def send(self, prompt: str, max_tokens: int, ignore_eos: bool) -> RequestResult: ...
 
 
-class _Lifecycle:
+class Lifecycle:
     async def start(self) -> None:
         pass
 
     async def close(self) -> None:
         pass
 
-    async def __aenter__(self) -> _Lifecycle:
+    async def __aenter__(self) -> Lifecycle:
         await self.start()
         return self
 
@@ -114,7 +112,7 @@ class _Lifecycle:
         await self.close()
 
 
-class GrpcBackend(_Lifecycle):
+class GrpcBackend(Lifecycle):
     """An llmgrpc server over one gRPC channel (HTTP/2 multiplexes the calls)."""
 
     def __init__(self, target: str, *, stream: bool = True, timeout: float | None = None):
@@ -156,7 +154,7 @@ class GrpcBackend(_Lifecycle):
             return rec.failed(e.code().name)  # type: ignore[attr-defined]
 
 
-class OpenAIBackend(_Lifecycle):
+class OpenAIBackend(Lifecycle):
     """An OpenAI-compatible server: streaming `/v1/completions` over aiohttp."""
 
     def __init__(self, url: str, model: str, *, timeout: float | None = None):
@@ -214,94 +212,6 @@ class OpenAIBackend(_Lifecycle):
             return rec.failed(type(e).__name__)
 
 
-def resolve_model_dir(model: str) -> Path:
-    """A model directory, or the name of an embedded model already built."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path
-    models = Path(os.environ.get("LLMGRPC_MODELS_DIR", Path.home() / ".cache/llmgrpc/models"))
-    if (models / model).is_dir():
-        return models / model
-    raise ValueError(f"no model directory {model!r} (build embedded ones with "
-                     "`python -m llmgrpc_server.models`)")  # fmt: skip
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    """The in-process engine's settings: those llmgrpc-server uses for embedded models."""
-
-    model: str = "tiny-llama-gqa"
-    served_model_name: str | None = None
-    kv_cache_memory_bytes: int = 64 * 1024 * 1024
-    max_model_len: int = 2048
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-class InProcessBackend(_Lifecycle):
-    """vLLM's AsyncLLM in this process, streaming DELTA outputs, as the server drives it."""
-
-    def __init__(self, settings: EngineSettings):
-        self.name = "inprocess"
-        self.settings = settings
-        self._llm: Any = None
-        self._tokenizer: Any = None
-        self._params: Any = None
-        self._prompt: Any = None
-
-    async def start(self) -> None:
-        # Imported here, not at the top: the client package must not need vLLM.
-        from vllm import SamplingParams
-        from vllm import envs as vllm_envs
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind
-        from vllm.v1.engine.async_llm import AsyncLLM
-
-        def params(max_tokens: int, ignore_eos: bool) -> Any:
-            return SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos, temperature=0.0,
-                                  output_kind=RequestOutputKind.DELTA)  # fmt: skip
-
-        self._params, self._prompt = params, TokensPrompt
-        s = self.settings
-        model_dir = resolve_model_dir(s.model)
-        args = AsyncEngineArgs(
-            model=str(model_dir),
-            served_model_name=[s.served_model_name or model_dir.name],
-            kv_cache_memory_bytes=s.kv_cache_memory_bytes,
-            max_model_len=s.max_model_len,
-            **s.extra,
-        )
-        self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
-        # What llmgrpc-server does once its engine is up (vllm_engine.cache_vllm_settings):
-        # vLLM stops re-reading os.environ for its settings, here as in its own processes.
-        enable_envs_cache = getattr(vllm_envs, "enable_envs_cache", None)
-        if enable_envs_cache is not None:
-            enable_envs_cache()
-        self._tokenizer = self._llm.get_tokenizer()
-
-    async def close(self) -> None:
-        if self._llm is not None:
-            self._llm.shutdown()
-            self._llm = None
-
-    async def count_tokens(self, text: str) -> int | None:
-        return len(self._tokenizer.encode(text))
-
-    async def send(self, prompt: str, max_tokens: int, ignore_eos: bool) -> RequestResult:
-        params = self._params(max_tokens, ignore_eos)
-        rec = Recorder()
-        try:
-            # Tokenized here, as llmgrpc's engine adapter does, then passed as ids.
-            ids = self._tokenizer.encode(prompt)
-            async for out in self._llm.generate(
-                self._prompt(prompt_token_ids=ids), params, uuid.uuid4().hex
-            ):
-                rec.message(len(out.outputs[0].token_ids))
-            return rec.done(len(ids))
-        except Exception as e:
-            return rec.failed(type(e).__name__)
-
-
 def make_backend(
     kind: str,
     *,
@@ -310,12 +220,17 @@ def make_backend(
     model: str = "tiny-llama-gqa",
     stream: bool = True,
     timeout: float | None = None,
-    engine: EngineSettings | None = None,
-) -> GrpcBackend | OpenAIBackend | InProcessBackend:
+    server_args: Sequence[str] = (),
+) -> Backend:
+    """A backend by name; `server_args` are llmgrpc-server flags for the in-process engine."""
     if kind == "grpc":
         return GrpcBackend(target, stream=stream, timeout=timeout)
     if kind == "openai":
         return OpenAIBackend(url, model, timeout=timeout)
     if kind == "inprocess":
-        return InProcessBackend(engine or EngineSettings(model=model))
+        try:
+            from llmgrpc_server.vllm_adapter.inprocess import InProcessBackend
+        except ImportError as e:
+            raise ValueError(f"the inprocess backend needs the server installed ({e})") from e
+        return InProcessBackend(["--model", model, *server_args])
     raise ValueError(f"unknown backend {kind!r}")

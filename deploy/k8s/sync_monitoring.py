@@ -36,7 +36,9 @@ def prometheus_rule(alerts_text: str) -> str:
     """The PrometheusRule object whose spec.groups are the rule file's groups."""
     rule_file = yaml.safe_load(alerts_text)
     if not isinstance(rule_file, dict) or not isinstance(rule_file.get("groups"), list):
-        raise ValueError(f"{ALERTS} is not a Prometheus rule file (no top-level `groups:` list)")
+        raise ValueError(  # noqa: TRY004  (bad file content, not a caller passing a wrong type)
+            f"{ALERTS} is not a Prometheus rule file (no top-level `groups:` list)"
+        )
     obj = {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PrometheusRule",

@@ -7,12 +7,14 @@ gRPC front end adds.
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import grpc
+
+from llmgrpc_server.domain import SizeCaps
+from llmgrpc_server.models import default_models_dir
 
 DEFAULT_PORT = 50051
 DEFAULT_METRICS_PORT = 9400
@@ -25,6 +27,29 @@ def service_version() -> str:
         return version("llmgrpc")
     except PackageNotFoundError:
         return "0+unknown"
+
+
+# The size caps' flags and their ServerConfig (and SizeCaps) field names.
+SIZE_CAP_FLAGS = (
+    ("--max-stop-strings", "max_stop_strings"),
+    ("--max-stop-string-chars", "max_stop_string_chars"),
+    ("--max-stop-token-ids", "max_stop_token_ids"),
+    ("--max-structured-output-chars", "max_structured_output_chars"),
+    ("--max-chat-messages", "max_chat_messages"),
+    ("--max-tokenize-chars", "max_tokenize_chars"),
+    ("--max-detokenize-tokens", "max_detokenize_tokens"),
+)
+_SIZE_CAP_HELP = {
+    "max_stop_strings": "stop strings in one request",
+    "max_stop_string_chars": "characters in one stop string (vLLM holds back that many "
+    "characters of streamed text)",
+    "max_stop_token_ids": "stop token ids in one request",
+    "max_structured_output_chars": "characters of a JSON schema, regex or grammar, or of "
+    "all choices together",
+    "max_chat_messages": "chat messages in one request",
+    "max_tokenize_chars": "characters Tokenize accepts (text, or all chat contents)",
+    "max_detokenize_tokens": "token ids Detokenize accepts",
+}
 
 
 @dataclass(frozen=True)
@@ -42,10 +67,18 @@ class ServerConfig:
     max_tokens_limit: int | None = None
     # Adaptive coalescing of stream messages under load; 1 turns it off.
     max_tokens_per_message: int = 8
+    # Caps on inputs whose cost grows with their size (docs/api.md, "Limits").
+    max_stop_strings: int = SizeCaps.max_stop_strings
+    max_stop_string_chars: int = SizeCaps.max_stop_string_chars
+    max_stop_token_ids: int = SizeCaps.max_stop_token_ids
+    max_structured_output_chars: int = SizeCaps.max_structured_output_chars
+    max_chat_messages: int = SizeCaps.max_chat_messages
+    max_tokenize_chars: int = SizeCaps.max_tokenize_chars
+    max_detokenize_tokens: int = SizeCaps.max_detokenize_tokens
     # With vLLM's CPU backend: keep the front end off the worker's cores.
     # Opt-in: docs/deploy.md, "CPU placement".
     pin_front_end: bool = False
-    models_dir: Path = field(default_factory=lambda: Path.home() / ".cache/llmgrpc/models")
+    models_dir: Path = field(default_factory=default_models_dir)
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
@@ -69,10 +102,18 @@ class ServerConfig:
                 raise ValueError(f"{flag} must be >= 1, got {value}")
         if self.max_tokens_per_message < 1:
             raise ValueError("--max-tokens-per-message must be >= 1")
+        for flag, name in SIZE_CAP_FLAGS:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{flag} must be >= 1, got {getattr(self, name)}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+
+    def size_caps(self) -> SizeCaps:
+        """The caps the request path checks (Limits.caps)."""
+        values = {name: getattr(self, name) for _, name in SIZE_CAP_FLAGS}
+        return SizeCaps(**values, max_message_bytes=self.max_message_bytes)
 
     def server_credentials(self) -> grpc.ServerCredentials | None:
         if self.tls_cert is None or self.tls_key is None:
@@ -121,6 +162,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         help="under load, stream messages carry up to this many tokens (one more per 4 "
         "requests in flight); 1: one token per message",
     )  # fmt: skip
+    for flag, name in SIZE_CAP_FLAGS:
+        default = getattr(SizeCaps, name)
+        g.add_argument(flag, type=int, default=default, help=f"most {_SIZE_CAP_HELP[name]}; "
+                       f"beyond it: INVALID_ARGUMENT (default: {default})")  # fmt: skip
     g.add_argument(
         "--pin-front-end", action=argparse.BooleanOptionalAction,
         default=ServerConfig.pin_front_end,
@@ -130,7 +175,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     g.add_argument(
         "--models-dir", type=Path,
-        default=Path(os.environ.get("LLMGRPC_MODELS_DIR", Path.home() / ".cache/llmgrpc/models")),
+        default=default_models_dir(),
         help="where embedded models are built (env LLMGRPC_MODELS_DIR)",
     )  # fmt: skip
     g.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS")
@@ -154,6 +199,7 @@ def from_namespace(ns: argparse.Namespace) -> ServerConfig:
         max_prompt_tokens=ns.max_prompt_tokens,
         max_tokens_limit=ns.max_tokens_limit,
         max_tokens_per_message=ns.max_tokens_per_message,
+        **{name: getattr(ns, name) for _, name in SIZE_CAP_FLAGS},
         pin_front_end=ns.pin_front_end,
         models_dir=ns.models_dir,
         tls_cert=ns.tls_cert,

@@ -31,9 +31,9 @@ from llmgrpc.client import channel_options
 from llmgrpc_server import server
 from llmgrpc_server.config import ServerConfig
 
+from tests.fake_server import FakeServer, start_fake
 from tests.fakes import FakeEngine
 from tests.server_process import ServerProcess
-from tests.unit.conftest import FakeServer, start_fake
 
 # A client that pings every second, with or without calls, without limit.
 PINGING = [

@@ -23,7 +23,7 @@ from llmgrpc_server import auth
 from llmgrpc_server.config import ServerConfig, read_tokens
 
 from tests.certs import Pki, make_pki
-from tests.unit.conftest import FakeServer, start_fake
+from tests.fake_server import FakeServer, start_fake
 
 TOKENS = ("tok-alpha-3f9c1e", "tok-beta-77d2a0")
 WRONG = "tok-wrong-5b1d44"

@@ -14,7 +14,7 @@ from llmgrpc import bench
 from llmgrpc.bench_backends import GrpcBackend, RequestResult
 from llmgrpc.cli import build_parser
 
-from tests.unit.conftest import FakeServer
+from tests.fake_server import FakeServer
 
 # --- statistics -------------------------------------------------------------------
 

@@ -26,8 +26,8 @@ from llmgrpc_server.config import ServerConfig
 from llmgrpc_server.domain import Limits, check_prompt_length
 from llmgrpc_server.policy import tokens_per_message
 
+from tests.fake_server import FakeServer, start_fake
 from tests.fakes import FakeEngine
-from tests.unit.conftest import FakeServer, start_fake
 from tests.waiting import eventually
 
 

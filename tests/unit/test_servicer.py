@@ -14,7 +14,7 @@ from llmgrpc.v1 import llm_service_pb2 as pb
 from llmgrpc_server import interceptors
 from llmgrpc_server.config import ServerConfig
 
-from tests.unit.conftest import FakeServer, start_fake
+from tests.fake_server import FakeServer, start_fake
 
 
 async def test_unary_equals_concatenated_stream(client: AsyncClient) -> None:

@@ -1,0 +1,64 @@
+"""The in-process benchmark backend: AsyncLLM driven as llmgrpc-server drives it.
+
+`llmgrpc bench --backend inprocess` measures the limit a front end can reach:
+the same engine with no network and no gRPC. The engine is built from
+llmgrpc-server's own flags (`main.parse`: embedded-model defaults, KV cache
+size, served name), its settings are cached as the server caches them, and
+prompts are tokenized here and passed as ids, as the adapter does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from llmgrpc.bench_backends import Lifecycle, Recorder, RequestResult
+from vllm import SamplingParams
+from vllm.inputs import TokensPrompt
+from vllm.sampling_params import RequestOutputKind
+from vllm.v1.engine.async_llm import AsyncLLM
+
+from llmgrpc_server.vllm_adapter.settings import cache_vllm_settings
+
+
+class InProcessBackend(Lifecycle):
+    """vLLM's AsyncLLM in this process, streaming DELTA outputs."""
+
+    def __init__(self, server_args: Sequence[str]):
+        self.name = "inprocess"
+        self.server_args = list(server_args)
+        self._llm: AsyncLLM | None = None
+        self._tokenizer: Any = None
+
+    async def start(self) -> None:
+        from llmgrpc_server import main
+
+        _, engine_args = main.parse(self.server_args)
+        self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, engine_args)
+        cache_vllm_settings()
+        self._tokenizer = self._llm.get_tokenizer()
+
+    async def close(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+
+    async def count_tokens(self, text: str) -> int | None:
+        return len(self._tokenizer.encode(text))
+
+    async def send(self, prompt: str, max_tokens: int, ignore_eos: bool) -> RequestResult:
+        assert self._llm is not None, "start() first"
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos, temperature=0.0,
+                                output_kind=RequestOutputKind.DELTA)  # fmt: skip
+        rec = Recorder()
+        try:
+            ids = self._tokenizer.encode(prompt)
+            async for out in self._llm.generate(
+                TokensPrompt(prompt_token_ids=ids), params, uuid.uuid4().hex
+            ):
+                rec.message(len(out.outputs[0].token_ids))
+            return rec.done(len(ids))
+        except Exception as e:
+            return rec.failed(type(e).__name__)
