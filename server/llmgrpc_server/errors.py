@@ -7,7 +7,7 @@ generic message, and its traceback goes to the log, never to the caller.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 from google.protobuf import duration_pb2
@@ -24,23 +24,29 @@ class FieldViolation:
 
 
 class ServiceError(Exception):
-    """Base of every error a caller can act on."""
+    """Base of every error a caller can act on; its status code is its row in
+    STATUS_TABLE (the nearest class in its MRO)."""
 
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
-
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, reason: str = "") -> None:
         super().__init__(message)
         self.message = message
+        # Why the engine failed the request (ErrorInfo reason and the
+        # llmgrpc_engine_failures_total label); empty for every other error.
+        self.reason = reason
+
+    @property
+    def code(self) -> grpc.StatusCode:
+        return status_row(type(self)).code
 
     def details(self) -> list[object]:
         """google.rpc detail messages attached to the status."""
-        return []
+        if not self.reason:
+            return []
+        return [error_details_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN)]
 
 
 class InvalidArgument(ServiceError):
     """Bad input: the message names the field and the limit."""
-
-    code = grpc.StatusCode.INVALID_ARGUMENT
 
     def __init__(self, field: str, description: str) -> None:
         super().__init__(f"{field}: {description}")
@@ -84,67 +90,104 @@ class PromptTooLong(InvalidArgument):
 class FailedPrecondition(ServiceError):
     """The request is valid but this model cannot serve it (e.g. no chat template)."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
-
 
 class AlreadyExists(ServiceError):
     """A request with the same client-chosen id is in flight."""
 
-    code = grpc.StatusCode.ALREADY_EXISTS
-
 
 class NotFound(ServiceError):
-    code = grpc.StatusCode.NOT_FOUND
+    """An unknown model (or, with vLLM, an unknown adapter)."""
 
 
 class Overloaded(ServiceError):
-    """Admission control refused the request; retry after `retry_after` seconds."""
+    """Admission control (ours or vLLM's queue limits) refused the request;
+    retry after `retry_after` seconds."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-
-    def __init__(self, message: str, retry_after: float = 1.0) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, retry_after: float = 1.0, *, reason: str = "") -> None:
+        super().__init__(message, reason=reason)
         self.retry_after = retry_after
 
     def details(self) -> list[object]:
         delay = duration_pb2.Duration()
         delay.FromMilliseconds(int(self.retry_after * 1000))
-        return [error_details_pb2.RetryInfo(retry_delay=delay)]
+        return [*super().details(), error_details_pb2.RetryInfo(retry_delay=delay)]
 
 
 class Unavailable(ServiceError):
-    """Starting, draining, or the engine died: try another replica."""
-
-    code = grpc.StatusCode.UNAVAILABLE
+    """Starting, draining, the engine died, or it gave up on the request for a
+    reason outside it: try another replica."""
 
 
 class DeadlineExceeded(ServiceError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    """The call's deadline passed before the engine started it."""
+
+
+class EngineFailed(ServiceError):
+    """The engine ended the request with an error it does not call retryable,
+    or with a finish reason this server does not know. The message is ours and
+    generic; the server log has the engine's side."""
 
 
 @dataclass(frozen=True)
 class StatusRow:
     code: grpc.StatusCode
     meaning: str
-    retry: bool = False
-    examples: tuple[str, ...] = field(default=())
+    retry: str = "no"
 
 
-# The documented table (docs/api.md renders the same rows).
+# The one table: every ServiceError's code is read from here (status_row),
+# and docs/api.md's "Error vocabulary" table is this table rendered
+# (render_status_table; tests/unit/test_status_table.py compares them).
 STATUS_TABLE: dict[type[ServiceError], StatusRow] = {
     InvalidArgument: StatusRow(grpc.StatusCode.INVALID_ARGUMENT, "bad input; fix the request"),
-    PromptTooLong: StatusRow(grpc.StatusCode.INVALID_ARGUMENT, "prompt + max_tokens too long"),
+    PromptTooLong: StatusRow(
+        grpc.StatusCode.INVALID_ARGUMENT, "prompt (+ max_tokens) longer than allowed"
+    ),
     FailedPrecondition: StatusRow(
         grpc.StatusCode.FAILED_PRECONDITION, "the model cannot serve this (no chat template)"
     ),
-    AlreadyExists: StatusRow(grpc.StatusCode.ALREADY_EXISTS, "request_id already in flight"),
+    AlreadyExists: StatusRow(
+        grpc.StatusCode.ALREADY_EXISTS, "request_id already in flight", "with another id"
+    ),
     NotFound: StatusRow(grpc.StatusCode.NOT_FOUND, "unknown model or adapter"),
-    Overloaded: StatusRow(grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded", retry=True),
-    Unavailable: StatusRow(grpc.StatusCode.UNAVAILABLE, "starting/draining/dead", retry=True),
-    DeadlineExceeded: StatusRow(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed"),
+    Overloaded: StatusRow(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "our admission limit or vLLM's queue limits are full",
+        "yes, after RetryInfo's delay or on another replica",
+    ),
+    Unavailable: StatusRow(
+        grpc.StatusCode.UNAVAILABLE,
+        "starting, draining, engine dead, or the engine gave up on the request",
+        "yes, on another replica",
+    ),
+    DeadlineExceeded: StatusRow(
+        grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed", "with a longer deadline"
+    ),
+    EngineFailed: StatusRow(
+        grpc.StatusCode.INTERNAL,
+        "the engine failed the request (finish reason error, or one unknown)",
+        "maybe; the server log has the cause",
+    ),
 }
 
 GENERIC_INTERNAL_MESSAGE = "internal error; the server log has the details"
+
+
+def status_row(error_type: type[ServiceError]) -> StatusRow:
+    """The row of `error_type`: its own, or its nearest ancestor's."""
+    for cls in error_type.__mro__:
+        row = STATUS_TABLE.get(cls)  # type: ignore[call-overload]
+        if row is not None:
+            return row
+    raise LookupError(f"{error_type.__name__} has no row in STATUS_TABLE")
+
+
+def render_status_table() -> str:
+    """STATUS_TABLE as the Markdown table docs/api.md carries."""
+    lines = ["| Error | Code | Meaning | Retry? |", "|---|---|---|---|"]
+    for cls, row in STATUS_TABLE.items():
+        lines.append(f"| `{cls.__name__}` | `{row.code.name}` | {row.meaning} | {row.retry} |")
+    return "\n".join(lines)
 
 
 def to_status(error: BaseException) -> grpc.Status:

@@ -212,6 +212,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             call.code = e.code
             if e.code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 self._service.deadline_exceeded(call.method)
+            if e.reason:  # the engine failed or refused it (vllm_adapter/failures.py)
+                self._service.engine_failed(call.method, e.reason)
         else:
             call.code = grpc.StatusCode.INTERNAL
             log.exception("unexpected error in %s/%s", call.service, call.method)

@@ -69,6 +69,14 @@ class ServiceMetrics:
             [*m, "grpc_method"],
             registry=registry,
         )
+        self._engine_failures = Counter(
+            "llmgrpc_engine_failures_total",
+            "Requests the engine failed, gave up on, or refused at its own queue limits; "
+            "reason: ENGINE_ERROR, ENGINE_ERROR_RETRYABLE, ENGINE_ABORT, "
+            "UNKNOWN_FINISH_REASON, ENGINE_QUEUE_FULL.",
+            [*m, "grpc_method", "reason"],
+            registry=registry,
+        )
         self._streamed = Counter(
             "llmgrpc_streamed_tokens_total",
             "Tokens sent in GenerateStream messages, including those of requests "
@@ -127,6 +135,9 @@ class ServiceMetrics:
 
     def deadline_exceeded(self, method: str) -> None:
         self._deadline.labels(self.model_name, method).inc()
+
+    def engine_failed(self, method: str, reason: str) -> None:
+        self._engine_failures.labels(self.model_name, method, reason).inc()
 
     def set_model_info(self, labels: dict[str, str]) -> None:
         self.model_info.labels(model_name=self.model_name, **labels).set(1)

@@ -16,16 +16,21 @@ from typing import Any
 
 import vllm
 from vllm.engine.arg_utils import AsyncEngineArgs
-from vllm.exceptions import VLLMClientError
 from vllm.inputs import TokensPrompt
 from vllm.v1.engine.async_llm import AsyncLLM
-from vllm.v1.engine.exceptions import EngineDeadError
 
 from llmgrpc_server import cpu_placement, domain, policy
 from llmgrpc_server.domain import Limits, check_prompt_length
-from llmgrpc_server.errors import AlreadyExists, DeadlineExceeded, InvalidArgument, Unavailable
+from llmgrpc_server.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    InvalidArgument,
+    ServiceError,
+    Unavailable,
+)
+from llmgrpc_server.vllm_adapter import failures
 from llmgrpc_server.vllm_adapter.outputs import OutputStream
-from llmgrpc_server.vllm_adapter.sampling import client_message, to_sampling_params
+from llmgrpc_server.vllm_adapter.sampling import to_sampling_params
 from llmgrpc_server.vllm_adapter.settings import SUPPORTED_VLLM, cache_vllm_settings
 
 log = logging.getLogger(__name__)
@@ -129,11 +134,15 @@ class VllmEngine:
             # request's KV cache now rather than when it would have finished.
             await self._abort_quietly(request_id)
             raise
-        except EngineDeadError as e:
-            raise Unavailable("the engine has stopped; retry on another replica") from e
-        except (ValueError, VLLMClientError) as e:
-            # vLLM rejects what it cannot serve (e.g. a regex it cannot compile).
-            raise InvalidArgument("request", client_message(e)) from e
+        except ServiceError:
+            raise  # ours (outputs.py: a finish reason that is a failure)
+        except Exception as e:
+            # vLLM's own errors become ours (failures.VLLM_ERRORS); anything
+            # else goes on as is: INTERNAL, with the trace in the log.
+            failure = failures.translate(e)
+            if failure is e:
+                raise
+            raise failure from e
         finally:
             self._in_flight.discard(request_id)
 

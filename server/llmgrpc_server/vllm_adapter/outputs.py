@@ -8,13 +8,7 @@ from typing import Any
 from vllm.outputs import RequestOutput
 
 from llmgrpc_server import domain
-
-_FINISH = {
-    "stop": domain.FinishReason.STOP,
-    "length": domain.FinishReason.LENGTH,
-    "abort": domain.FinishReason.ABORT,
-}
-
+from llmgrpc_server.vllm_adapter import failures
 
 class OutputStream:
     """Turns one request's vLLM delta outputs into domain deltas."""
@@ -42,8 +36,8 @@ class OutputStream:
                 if entry is not None
             ]
         if output.finished:
-            reason = completion.finish_reason or ""
-            delta.finish_reason = _FINISH.get(reason, domain.FinishReason.STOP)
+            # A reason other than stop/length raises: a failure never ends OK.
+            delta.finish_reason = failures.finish_reason(output, completion.finish_reason)
             stop = completion.stop_reason
             if isinstance(stop, str):
                 delta.stop_string = stop

@@ -41,8 +41,9 @@ def to_sampling_params(
         )
     try:
         return _vllm_sampling_params(request, max_tokens, stream_interval)
-    except (ValueError, VLLMClientError) as e:
-        # vLLM's own checks, should a version tighten one convert.py knows.
+    except VLLMClientError as e:
+        # vLLM's own checks, should a version tighten one convert.py knows;
+        # any other exception is a bug (ours or vLLM's): INTERNAL, not the caller's.
         field = getattr(e, "parameter", None)
         raise InvalidArgument(f"sampling.{field}" if field else "sampling",
                               client_message(e)) from e  # fmt: skip
