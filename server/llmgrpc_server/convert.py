@@ -18,11 +18,16 @@ from llmgrpc_server import domain
 from llmgrpc_server.domain import Limits, check_prompt_length
 from llmgrpc_server.errors import FailedPrecondition, InvalidArgument, NotFound
 
+# Roles are names ("system", "user", "tool"...); a longer one is a mistake.
+MAX_ROLE_CHARS = 64
+
 # --- requests -----------------------------------------------------------------
 
 
 def check_model(name: str, limits: Limits) -> None:
     """NotFound unless `name` is empty or one of the served model names."""
+    if len(name) > limits.max_request_id_len:  # the NOT_FOUND message would echo it
+        raise InvalidArgument("model", f"at most {limits.max_request_id_len} characters")
     if name and name not in limits.model_names:
         served = ", ".join(repr(n) for n in limits.model_names) or "no named model"
         raise NotFound(f"model {name!r} is not served here; this server serves {served}")
@@ -44,7 +49,7 @@ def to_generation_request(
         prompt_token_ids=token_ids,
         chat=chat,
         sampling=to_sampling(msg.sampling, limits),
-        structured_output=to_structured_output(msg.structured_output)
+        structured_output=to_structured_output(msg.structured_output, limits)
         if msg.HasField("structured_output")
         else None,
         deadline=deadline,
@@ -76,9 +81,15 @@ def to_chat(msg: pb.ChatInput, limits: Limits, field: str) -> domain.Chat:
         raise FailedPrecondition(f"{field}: this model has no chat template; send a prompt")
     if not msg.messages:
         raise InvalidArgument(f"{field}.messages", "must not be empty")
+    _check_count(f"{field}.messages", len(msg.messages), "messages", limits.caps.max_chat_messages,
+                 "--max-chat-messages")  # fmt: skip
     for i, turn in enumerate(msg.messages):
         if not turn.role:
             raise InvalidArgument(f"{field}.messages[{i}].role", "must not be empty")
+        if len(turn.role) > MAX_ROLE_CHARS:
+            raise InvalidArgument(
+                f"{field}.messages[{i}].role", f"at most {MAX_ROLE_CHARS} characters"
+            )
     return domain.Chat(
         turns=tuple(domain.ChatTurn(t.role, t.content) for t in msg.messages),
         add_generation_prompt=msg.add_generation_prompt
@@ -88,11 +99,57 @@ def to_chat(msg: pb.ChatInput, limits: Limits, field: str) -> domain.Chat:
 
 
 def check_token_ids(field: str, ids: tuple[int, ...] | list[int], vocab_size: int) -> None:
-    for i, token in enumerate(ids):
-        if token >= vocab_size:
-            raise InvalidArgument(
-                f"{field}[{i}]", f"token id {token} is outside the vocabulary (size {vocab_size})"
-            )
+    # max() runs in C: a Python loop over a long list would hold the event loop.
+    if not ids or max(ids) < vocab_size:
+        return
+    i, token = next((i, t) for i, t in enumerate(ids) if t >= vocab_size)
+    raise InvalidArgument(
+        f"{field}[{i}]", f"token id {token} is outside the vocabulary (size {vocab_size})"
+    )
+
+
+def _check_count(field: str, count: int, what: str, cap: int, flag: str) -> None:
+    if count > cap:
+        raise InvalidArgument(field, f"{count} {what} exceed the server's {flag} of {cap}")
+
+
+def to_tokenize_input(
+    msg: pb.TokenizeRequest, limits: Limits
+) -> tuple[str | None, domain.Chat | None, bool | None]:
+    """The text or chat to tokenize, and add_special_tokens (None: the default).
+
+    Refused before any work when the input is over --max-tokenize-chars or its
+    answer could not be sent (the engine checks a chat's rendered text again)."""
+    check_model(msg.model, limits)
+    kind = msg.WhichOneof("input")
+    if kind is None:
+        raise InvalidArgument("input", "one of text or chat is required")
+    add_special = msg.add_special_tokens if msg.HasField("add_special_tokens") else None
+    cap = limits.caps.max_tokenize_chars
+    if kind == "chat":
+        chat = to_chat(msg.chat, limits, "chat")
+        chars = sum(len(t.role) + len(t.content) for t in chat.turns)
+        _check_count("chat.messages", chars, "characters", cap, "--max-tokenize-chars")
+        return None, chat, add_special
+    _check_count("text", len(msg.text), "characters", cap, "--max-tokenize-chars")
+    domain.check_tokenize_answer("text", msg.text, limits)
+    return msg.text, None, add_special
+
+
+def to_detokenize_ids(msg: pb.DetokenizeRequest, limits: Limits) -> list[int]:
+    """The ids to decode, refused before any work when there are more than
+    --max-detokenize-tokens, their text might not be sendable, or one is
+    outside the vocabulary."""
+    count = len(msg.token_ids)
+    _check_count("token_ids", count, "token ids", limits.caps.max_detokenize_tokens,
+                 "--max-detokenize-tokens")  # fmt: skip
+    bound = count * limits.max_token_bytes + domain.ANSWER_OVERHEAD_BYTES
+    limits.check_answer_fits(
+        "token_ids", bound, f"{count} ids, up to {limits.max_token_bytes} bytes each"
+    )
+    ids = list(msg.token_ids)
+    check_token_ids("token_ids", ids, limits.vocab_size)
+    return ids
 
 
 def _finite(field: str, value: float, low: float, high: float, *, low_open: bool = False) -> float:
@@ -146,12 +203,9 @@ def to_sampling(msg: pb.SamplingParams, limits: Limits) -> domain.Sampling:  # n
         kw["repetition_penalty"] = _finite(
             "sampling.repetition_penalty", msg.repetition_penalty, 0.0, 2.0, low_open=True
         )
-    if len(msg.stop) > limits.max_stop_strings:
-        raise InvalidArgument("sampling.stop", f"at most {limits.max_stop_strings} stop strings")
-    for i, stop in enumerate(msg.stop):
-        if not stop:
-            raise InvalidArgument(f"sampling.stop[{i}]", "must not be empty")
-    kw["stop"] = tuple(msg.stop)
+    kw["stop"] = _stop_strings(msg, limits)
+    _check_count("sampling.stop_token_ids", len(msg.stop_token_ids), "stop token ids",
+                 limits.caps.max_stop_token_ids, "--max-stop-token-ids")  # fmt: skip
     check_token_ids("sampling.stop_token_ids", list(msg.stop_token_ids), limits.vocab_size)
     kw["stop_token_ids"] = tuple(msg.stop_token_ids)
     if msg.HasField("logprobs"):
@@ -166,10 +220,32 @@ def to_sampling(msg: pb.SamplingParams, limits: Limits) -> domain.Sampling:  # n
     return domain.Sampling(**{**s.__dict__, **kw})  # type: ignore[arg-type]
 
 
-def to_structured_output(msg: pb.StructuredOutput) -> domain.StructuredOutput:
+def _stop_strings(msg: pb.SamplingParams, limits: Limits) -> tuple[str, ...]:
+    caps = limits.caps
+    _check_count("sampling.stop", len(msg.stop), "stop strings", caps.max_stop_strings,
+                 "--max-stop-strings")  # fmt: skip
+    for i, stop in enumerate(msg.stop):
+        if not stop:
+            raise InvalidArgument(f"sampling.stop[{i}]", "must not be empty")
+        # vLLM matches each one at every step and holds back that much streamed text.
+        _check_count(f"sampling.stop[{i}]", len(stop), "characters", caps.max_stop_string_chars,
+                     "--max-stop-string-chars")  # fmt: skip
+    return tuple(msg.stop)
+
+
+def to_structured_output(msg: pb.StructuredOutput, limits: Limits) -> domain.StructuredOutput:
     kind = msg.WhichOneof("kind")
     if kind is None:
         raise InvalidArgument("structured_output", "set one of json_schema, regex, choice, grammar")
+    # Before parsing: the engine compiles it into a grammar, at a cost that grows with it.
+    cap = limits.caps.max_structured_output_chars
+    if kind == "choice":
+        field, choices = "structured_output.choice.choices", msg.choice.choices
+        # A choice has at least one character: too many of them is too many characters.
+        chars = len(choices) if len(choices) > cap else sum(map(len, choices))
+    else:
+        field, chars = f"structured_output.{kind}", len(getattr(msg, kind))
+    _check_count(field, chars, "characters", cap, "--max-structured-output-chars")
     if kind == "json_schema":
         try:
             schema = json.loads(msg.json_schema)

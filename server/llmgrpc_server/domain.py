@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
-from llmgrpc_server.errors import PromptTooLong
+from llmgrpc_server.errors import InvalidArgument, PromptTooLong
 
 
 class FinishReason(Enum):
@@ -165,14 +165,43 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
+class SizeCaps:
+    """The operator's caps on inputs whose cost grows with their size (one flag
+    each, validated in config.ServerConfig), and the largest message gRPC
+    sends, which every answer must fit in."""
+
+    max_stop_strings: int = 16
+    max_stop_string_chars: int = 256
+    max_stop_token_ids: int = 256
+    max_structured_output_chars: int = 65_536
+    max_chat_messages: int = 1_024
+    max_tokenize_chars: int = 262_144
+    max_detokenize_tokens: int = 65_536
+    max_message_bytes: int = 16 * 1024 * 1024
+
+
+# Bounds on an answer's size, so that a request whose answer cannot be sent
+# is refused before the work. A TokenizeResponse costs at most this much per
+# UTF-8 byte of the text tokenized: a token never covers less than one byte
+# (byte-level BPE, SentencePiece byte fallback) and costs at most 5 bytes of
+# id, 14 of offsets and 8 of string ("<0xE4>" and its header); plus the text.
+TOKENIZE_ANSWER_BYTES_PER_BYTE = 28
+# Headers, a few special tokens (BOS, EOS) and max_model_len.
+ANSWER_OVERHEAD_BYTES = 1024
+
+
+@dataclass(frozen=True)
 class Limits:
     """What the served model and the operator allow."""
 
     vocab_size: int
     max_model_len: int
     max_logprobs: int = 20
-    max_stop_strings: int = 16
     max_request_id_len: int = 256
+    # The model's longest token, decoded, in UTF-8 bytes (+1 for a space some
+    # decoders put between tokens): what one id can cost in a Detokenize answer.
+    max_token_bytes: int = 64
+    caps: SizeCaps = field(default_factory=SizeCaps)
     has_chat_template: bool = True
     # The names a request may ask for (vLLM's served model names); a request
     # that names none is served too.
@@ -194,6 +223,25 @@ class Limits:
     def capped(self, max_prompt_tokens: int | None, max_tokens: int | None) -> Limits:
         """These limits with the operator's caps (None leaves a cap unset)."""
         return replace(self, max_prompt_tokens_cap=max_prompt_tokens, max_tokens_cap=max_tokens)
+
+    def check_answer_fits(self, field: str, answer_bytes: int, per_unit: str) -> None:
+        """InvalidArgument, before the work, when an answer of up to
+        `answer_bytes` could not be sent (`per_unit`: how that bound is made)."""
+        limit = self.caps.max_message_bytes
+        if answer_bytes > limit:
+            raise InvalidArgument(
+                field,
+                f"the answer could reach {answer_bytes} bytes ({per_unit}), over the "
+                f"server's --max-message-bytes of {limit}; send less or raise --max-message-bytes",
+            )
+
+
+def check_tokenize_answer(field: str, text: str, limits: Limits) -> None:
+    """Refuse, before tokenizing, a text whose TokenizeResponse might not be sendable."""
+    text_bytes = len(text.encode())
+    bound = text_bytes * TOKENIZE_ANSWER_BYTES_PER_BYTE + ANSWER_OVERHEAD_BYTES
+    per_unit = f"{text_bytes} bytes of text, up to {TOKENIZE_ANSWER_BYTES_PER_BYTE} each"
+    limits.check_answer_fits(field, bound, per_unit)
 
 
 def _smaller(model_limit: int, cap: int | None) -> int:

@@ -74,6 +74,7 @@ async def run(config: server_config.ServerConfig, engine_args: Any) -> int:
             max_tokens=config.max_tokens_limit,
             max_tokens_per_message=config.max_tokens_per_message,
             pin_front_end=config.pin_front_end,
+            size_caps=config.size_caps(),
         ),
         GrpcMetrics(),
     )

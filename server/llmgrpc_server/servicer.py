@@ -18,7 +18,7 @@ from llmgrpc.v1 import llm_service_pb2_grpc as pb_grpc
 from llmgrpc_server import convert, domain, model_facts
 from llmgrpc_server.admission import Admission
 from llmgrpc_server.engine_api import Engine
-from llmgrpc_server.errors import InvalidArgument, Unavailable
+from llmgrpc_server.errors import Unavailable
 from llmgrpc_server.metrics import ServiceMetrics
 
 INLINE_RESPONSE_TOKENS = 4_096
@@ -90,15 +90,7 @@ class LLMServicer(pb_grpc.LLMServiceServicer):
     ) -> pb.TokenizeResponse:
         self._metrics.tokenize_called()
         engine = self.engine
-        convert.check_model(request.model, engine.limits)
-        kind = request.WhichOneof("input")
-        if kind is None:
-            raise InvalidArgument("input", "one of text or chat is required")
-        chat = convert.to_chat(request.chat, engine.limits, "chat") if kind == "chat" else None
-        add_special = (
-            request.add_special_tokens if request.HasField("add_special_tokens") else None
-        )
-        text = request.text if kind == "text" else None
+        text, chat, add_special = convert.to_tokenize_input(request, engine.limits)
         tokenized = await engine.tokenize(text, chat, add_special)
         if len(tokenized.token_ids) > INLINE_RESPONSE_TOKENS:
             # One message per offset: seconds for a megabyte of text, so
@@ -110,8 +102,7 @@ class LLMServicer(pb_grpc.LLMServiceServicer):
         self, request: pb.DetokenizeRequest, context: grpc.aio.ServicerContext
     ) -> pb.DetokenizeResponse:
         engine = self.engine
-        ids = list(request.token_ids)
-        convert.check_token_ids("token_ids", ids, engine.limits.vocab_size)
+        ids = convert.to_detokenize_ids(request, engine.limits)
         skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
         return pb.DetokenizeResponse(text=await engine.detokenize(ids, skip))
 

@@ -42,6 +42,7 @@ class VllmEngine:
     def __init__(
         self, llm: AsyncLLM, model_path: str, *,
         max_prompt_tokens: int | None, max_tokens: int | None, max_tokens_per_message: int,
+        size_caps: domain.SizeCaps = domain.SizeCaps(),  # noqa: B008 (frozen)
     ) -> None:  # fmt: skip
         self._llm = llm
         self._max_tokens_per_message = max_tokens_per_message
@@ -57,13 +58,15 @@ class VllmEngine:
             max_logprobs=config.max_logprobs,
             has_chat_template=bool(getattr(self._tokenizer, "chat_template", None)),
             model_names=_served_names(config.served_model_name, config.model),
+            max_token_bytes=_max_token_bytes(self._tokenizer),
+            caps=size_caps,
         ).capped(max_prompt_tokens, max_tokens)
 
     @classmethod
     async def start(
         cls, args: AsyncEngineArgs, *,
         max_prompt_tokens: int | None, max_tokens: int | None, max_tokens_per_message: int,
-        pin_front_end: bool,
+        pin_front_end: bool, size_caps: domain.SizeCaps = domain.SizeCaps(),  # noqa: B008 (frozen)
     ) -> VllmEngine:  # fmt: skip
         """Build the engine; the caps are the operator's (--max-prompt-tokens,
         --max-tokens-limit) on top of the model's context; `pin_front_end`
@@ -82,6 +85,7 @@ class VllmEngine:
             max_prompt_tokens=max_prompt_tokens,
             max_tokens=max_tokens,
             max_tokens_per_message=max_tokens_per_message,
+            size_caps=size_caps,
         )
 
     # --- Engine interface ---------------------------------------------------
@@ -166,6 +170,8 @@ class VllmEngine:
         if chat is not None:
             text = self._render_chat(chat)
             add_special = bool(add_special_tokens)  # the template writes them
+            # The template adds text: the answer's bound is known only now.
+            domain.check_tokenize_answer("chat", text, self._limits)
         else:
             add_special = True if add_special_tokens is None else add_special_tokens
         assert text is not None
@@ -231,6 +237,13 @@ class VllmEngine:
             ids, field = list(self._tokenizer.encode(request.prompt or "")), "prompt"
         check_prompt_length(field, len(ids), self._limits)
         return ids
+
+def _max_token_bytes(tokenizer: Any) -> int:
+    """What one id can cost in a Detokenize answer: the longest token string's
+    UTF-8 bytes (a decoded token is never longer: "Ġ" becomes one space, "<0x41>"
+    one byte), plus a space some decoders put between tokens."""
+    return max(len(token.encode()) for token in tokenizer.get_vocab()) + 1
+
 
 def _check_deadline(request: domain.GenerationRequest) -> None:
     if request.deadline is not None and time.monotonic() >= request.deadline:
