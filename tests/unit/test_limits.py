@@ -92,6 +92,25 @@ def test_flags_reach_the_config() -> None:
     assert defaults.pin_front_end is False
 
 
+def test_size_cap_flags_reach_the_limits() -> None:
+    parser = argparse.ArgumentParser()
+    server_config.add_cli_args(parser)
+    argv = [
+        a for i, (flag, _) in enumerate(server_config.SIZE_CAP_FLAGS) for a in (flag, str(i + 1))
+    ]
+    config = server_config.from_namespace(parser.parse_args([*argv, "--max-message-bytes", "8192"]))
+    caps = config.size_caps()
+    for i, (_, name) in enumerate(server_config.SIZE_CAP_FLAGS):
+        assert getattr(caps, name) == i + 1, name
+    assert caps.max_message_bytes == 8192
+    # Unset, each flag takes the documented default (docs/api.md, "Limits").
+    defaults = server_config.from_namespace(parser.parse_args([])).size_caps()
+    assert defaults == domain.SizeCaps()
+    assert (defaults.max_stop_strings, defaults.max_stop_string_chars) == (16, 256)
+    assert (defaults.max_detokenize_tokens, defaults.max_tokenize_chars) == (65_536, 262_144)
+    assert defaults.max_structured_output_chars == 65_536
+
+
 @pytest.mark.parametrize(
     ("in_flight", "cap", "tokens"),
     [(0, 8, 1), (3, 8, 1), (4, 8, 1), (8, 8, 2), (24, 8, 6), (32, 8, 8), (500, 8, 8),
@@ -109,6 +128,7 @@ def test_tokens_per_message(in_flight: int, cap: int, tokens: int) -> None:
         ({"max_message_bytes": 100}, "--max-message-bytes"),
         ({"max_concurrent_streams": 0}, "--max-concurrent-streams"),
         ({"max_tokens_per_message": 0}, "--max-tokens-per-message"),
+        *(({name: 0}, flag) for flag, name in server_config.SIZE_CAP_FLAGS),
     ],
 )
 def test_nonsense_limits_are_refused_at_startup(kw: dict[str, int], flag: str) -> None:
