@@ -34,7 +34,8 @@ def check_model(name: str, limits: Limits) -> None:
 
 
 def to_generation_request(
-    msg: pb.GenerateRequest, limits: Limits, deadline: float | None = None
+    msg: pb.GenerateRequest, limits: Limits, deadline: float | None = None,
+    received: float | None = None,
 ) -> domain.GenerationRequest:
     check_model(msg.model, limits)
     if len(msg.request_id) > limits.max_request_id_len:
@@ -53,6 +54,7 @@ def to_generation_request(
         if msg.HasField("structured_output")
         else None,
         deadline=deadline,
+        received=received,
     )
 
 

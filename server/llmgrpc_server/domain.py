@@ -72,6 +72,8 @@ class GenerationRequest:
     structured_output: StructuredOutput | None = None
     # Absolute time.monotonic() after which the request is pointless.
     deadline: float | None = None
+    # time.monotonic() when the server received the request: TTFT counts from here.
+    received: float | None = None
 
 
 @dataclass(frozen=True)

@@ -54,9 +54,11 @@ class LLMServicer(pb_grpc.LLMServiceServicer):
     def _request(
         self, msg: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> domain.GenerationRequest:
+        # Received now, before validation and admission: TTFT counts from here.
+        received = time.monotonic()
         remaining = context.time_remaining()
-        deadline = None if remaining is None else time.monotonic() + remaining
-        return convert.to_generation_request(msg, self.engine.limits, deadline)
+        deadline = None if remaining is None else received + remaining
+        return convert.to_generation_request(msg, self.engine.limits, deadline, received)
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext

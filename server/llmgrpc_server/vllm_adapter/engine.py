@@ -108,7 +108,7 @@ class VllmEngine:
         await asyncio.to_thread(self._llm.shutdown)
 
     async def generate(self, request: domain.GenerationRequest) -> AsyncIterator[domain.Delta]:
-        arrival = time.monotonic()
+        arrival = time.monotonic() if request.received is None else request.received
         _check_deadline(request)
         if self.is_dead:
             raise Unavailable("the engine has stopped; retry on another replica")

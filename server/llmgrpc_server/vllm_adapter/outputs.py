@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Sequence
 
+from vllm.logprobs import Logprob
 from vllm.outputs import RequestOutput
 
 from llmgrpc_server import domain
 from llmgrpc_server.vllm_adapter import failures
+
 
 class OutputStream:
     """Turns one request's vLLM delta outputs into domain deltas."""
@@ -29,12 +31,8 @@ class OutputStream:
         if ids and self.first_token_at is None:
             self.first_token_at = now
         delta = domain.Delta(request_id=self.request_id, text=completion.text, token_ids=ids)
-        if self.top_n is not None and completion.logprobs:
-            delta.logprobs = [
-                _token_logprob(token, entry, self.top_n)
-                for token, entry in zip(ids, completion.logprobs, strict=False)
-                if entry is not None
-            ]
+        if self.top_n is not None:
+            delta.logprobs = _logprobs(ids, completion.logprobs, self.top_n)
         if output.finished:
             # A reason other than stop/length raises: a failure never ends OK.
             delta.finish_reason = failures.finish_reason(output, completion.finish_reason)
@@ -53,7 +51,24 @@ class OutputStream:
         return delta
 
 
-def _token_logprob(token: int, entry: dict[int, Any], top_n: int) -> domain.TokenLogprob:
+class LogprobMismatch(RuntimeError):
+    """vLLM's logprobs do not line up with its token ids: a bug, not bad input."""
+
+
+def _logprobs(
+    ids: list[int], entries: Sequence[dict[int, Logprob] | None] | None, top_n: int
+) -> list[domain.TokenLogprob]:
+    # One entry per token id, each holding that token: anything else would
+    # give a caller logprobs of the wrong tokens, so it fails the call instead.
+    entries = entries or []
+    if len(entries) != len(ids):
+        raise LogprobMismatch(f"{len(entries)} logprob entries for {len(ids)} token ids")
+    return [_token_logprob(token, entry, top_n) for token, entry in zip(ids, entries, strict=True)]
+
+
+def _token_logprob(token: int, entry: dict[int, Logprob] | None, top_n: int) -> domain.TokenLogprob:
+    if not entry or token not in entry:
+        raise LogprobMismatch(f"the logprob entry for token {token} does not hold it")
     sampled = entry[token]
     top = sorted(
         (v.rank, k, v) for k, v in entry.items() if v.rank is not None and v.rank <= top_n
