@@ -15,4 +15,23 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 os.environ.setdefault("GRPC_EXPERIMENTS", "-event_engine_client")
+
+
+# Last: after deselection (-m) and pytest's own ordering.
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Checks the `engine` marks and runs the tests that stop a shared server last."""
+    from tests.server_process import ENGINE_FIXTURES
+
+    unmarked = [f"{item.nodeid} (uses {', '.join(sorted(ENGINE_FIXTURES & set(item.fixturenames)))})"
+                for item in items
+                if ENGINE_FIXTURES & set(item.fixturenames) and not item.get_closest_marker("engine")]  # fmt: skip
+    if unmarked:
+        raise pytest.UsageError("tests that use an engine server must be marked "
+                                "`engine` (pytestmark = pytest.mark.engine):\n  "
+                                + "\n  ".join(unmarked))  # fmt: skip
+    # Stable: every other test first, then these in the order they were collected.
+    items.sort(key=lambda item: item.get_closest_marker("stops_server") is not None)

@@ -15,10 +15,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -26,8 +27,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmgrpc import AsyncClient
 from llmgrpc.client import generate_request
 
+from tests.settings import STARTUP_TIMEOUT
+
 ROOT = Path(__file__).resolve().parent.parent
 SERVER = Path(sys.executable).parent / "llmgrpc-server"
+F = TypeVar("F", bound=Callable[..., Any])
 _GRPC_PORT = re.compile(r"gRPC listening on port (\d+)")
 _METRICS_PORT = re.compile(r"metrics listening on port (\d+)")
 # Client channel options for a reader that stalls the server: with tiny HTTP/2
@@ -42,7 +46,52 @@ def start_stream(client: AsyncClient, max_tokens: int, timeout: float = 120.0) -
     return client.stub.GenerateStream(req, timeout=timeout)  # type: ignore[no-any-return]
 
 
-STARTUP_TIMEOUT = float(os.environ.get("LLMGRPC_TEST_STARTUP_TIMEOUT", "300"))
+
+# --- the shared servers ---------------------------------------------------------------
+# One server per configuration, started by the first test that asks for it
+# (tests/integration/conftest.py) and kept for the session: an engine start
+# costs 20-50 s here. A test joins one by naming its fixture. A new test that
+# needs a flag adds it to a configuration whose tests it does not change, and
+# starts a server of its own only when none fits. A test that stops its
+# server carries `@pytest.mark.stops_server`: it runs after all others.
+
+# "llama" carries the load test's room: 512 in flight (vLLM's default batch)
+# and 300 calls per connection (above its 256); and the drain timeout that the
+# SIGTERM drain test, the last on it, needs for 16 streams of 1,500 tokens.
+LLAMA_MAX_IN_FLIGHT = 512
+LLAMA_MAX_CONCURRENT_STREAMS = 300
+LLAMA_DRAIN_TIMEOUT = 60
+# "limited": a small front door and engine that make "saturated" deterministic
+# (tests/integration/test_overload.py), and a short drain timeout to cut.
+LIMITED_MAX_IN_FLIGHT = 64
+LIMITED_DRAIN_TIMEOUT = 2.0
+SHARED: dict[str, list[str]] = {
+    "llama": ["--model", "tiny-llama-gqa",
+              "--max-in-flight", str(LLAMA_MAX_IN_FLIGHT),
+              "--max-concurrent-streams", str(LLAMA_MAX_CONCURRENT_STREAMS),
+              "--drain-timeout", str(LLAMA_DRAIN_TIMEOUT)],
+    # The MoE model. Its tests read facts, so it also carries the flags of
+    # two tests that need a server of their own: --pin-front-end (the
+    # placement test reads its processes' CPUs) and one engine slot (the
+    # engine-death test, the last on it, kills its engine with 15 calls queued).
+    "moe": ["--model", "tiny-mixtral-moe", "--pin-front-end", "--max-num-seqs", "1"],
+    "limited": ["--model", "tiny-llama-gqa",
+                "--max-in-flight", str(LIMITED_MAX_IN_FLIGHT), "--max-num-seqs", "1",
+                "--drain-timeout", str(LIMITED_DRAIN_TIMEOUT)],
+}  # fmt: skip
+# Fixtures that start or hold a real engine server; tests using one must be
+# marked `engine` (checked at collection by tests/conftest.py).
+ENGINE_FIXTURES: set[str] = set()
+
+
+def engine_fixture(scope: str = "session") -> Callable[[F], F]:
+    """`pytest.fixture(scope=scope)` for a fixture that starts a real engine."""
+
+    def register(fn: F) -> F:
+        ENGINE_FIXTURES.add(fn.__name__)
+        return pytest.fixture(scope=scope)(fn)  # type: ignore[call-overload, no-any-return]
+
+    return register
 
 
 @dataclass
@@ -141,6 +190,7 @@ def running(args: list[str], name: str, request: pytest.FixtureRequest) -> Itera
     Its log is deleted unless a test failed while it ran: then the log's tail
     goes to the test report and the file is kept, so a CI failure can be read.
     """
+    _check_marked(request)
     failed_before = request.session.testsfailed
     server = launch(args, name=name)
     failed = True
@@ -153,6 +203,16 @@ def running(args: list[str], name: str, request: pytest.FixtureRequest) -> Itera
             _report_log(server, request)
         else:
             shutil.rmtree(server.log_path.parent, ignore_errors=True)
+
+
+def _check_marked(request: pytest.FixtureRequest) -> None:
+    """An engine is started only for a test marked `engine`, or by an engine fixture."""
+    if request.fixturename in ENGINE_FIXTURES:
+        return  # its users' marks are checked at collection
+    if isinstance(request.node, pytest.Item) and request.node.get_closest_marker("engine"):
+        return
+    pytest.fail(f"{request.node.nodeid} starts an engine server: mark the test "
+                f"`@pytest.mark.engine`, or declare its fixture with engine_fixture()")  # fmt: skip
 
 
 def _report_log(server: ServerProcess, request: pytest.FixtureRequest, lines: int = 60) -> None:

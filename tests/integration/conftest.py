@@ -1,4 +1,4 @@
-"""One real server per embedded model per test session."""
+"""The shared engine servers, one per configuration (tests/server_process.py: SHARED)."""
 
 from __future__ import annotations
 
@@ -6,26 +6,36 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.server_process import ServerProcess, running
+from tests.server_process import SHARED, ServerProcess, engine_fixture, running
 
 
-def _serve(model: str, request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
-    with running(["--model", model, "--drain-timeout", "10"], model, request) as server:
+def _serve(name: str, request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    with running(SHARED[name], name, request) as server:
         server.wait_serving()
         yield server
 
 
-@pytest.fixture(scope="session")
+@engine_fixture()
 def llama(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
-    yield from _serve("tiny-llama-gqa", request)
+    yield from _serve("llama", request)
 
 
-@pytest.fixture(scope="session")
+@engine_fixture()
 def moe(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
-    yield from _serve("tiny-mixtral-moe", request)
+    yield from _serve("moe", request)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if "integration" in str(item.fspath):
-            item.add_marker(pytest.mark.engine)
+@engine_fixture()
+def limited(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    yield from _serve("limited", request)
+
+
+@pytest.fixture(autouse=True)
+def _shared_servers_alive(request: pytest.FixtureRequest) -> None:
+    """A test on a shared server that an earlier test stopped fails, saying why."""
+    for name in SHARED.keys() & set(request.fixturenames):
+        server: ServerProcess = request.getfixturevalue(name)
+        assert server.proc is not None
+        if server.proc.poll() is not None:
+            pytest.fail(f"the shared {name!r} server exited ({server.proc.returncode}) before "
+                        f"this test: a test that stops it must be marked stops_server")  # fmt: skip

@@ -8,11 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from llmgrpc import AsyncClient
 from llmgrpc.v1 import llm_service_pb2 as pb
 
 from tests.server_process import SLOW_READER, ServerProcess
 
+pytestmark = pytest.mark.engine
 LLMGRPC = Path(sys.executable).parent / "llmgrpc"
 
 

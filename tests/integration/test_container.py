@@ -37,6 +37,7 @@ BUILD_SCRIPT = ROOT / "deploy" / "podman" / "build-cpu-image.sh"
 IMAGE = "localhost/llmgrpc:test-cpu"
 BIN = pathlib.Path(sys.executable).parent
 SERVING_TIMEOUT = 15 * 60
+pytestmark = [pytest.mark.engine, pytest.mark.container]
 ULIMITS = ["--ulimit", "nofile=16384:16384", "--ulimit", "nproc=16384:16384"]
 
 

@@ -1,4 +1,6 @@
-"""Faults against the real engine: a cancellation storm and engine death.
+"""Faults against the real engine: a cancellation storm (the shared `llama`
+server) and engine death (the last test on the shared `moe` server: it kills
+its engine).
 
 (Graceful drain under load is in test_lifecycle.py, the drain-timeout path in
 test_overload.py.)
@@ -22,10 +24,11 @@ from llmgrpc.client import generate_request
 from llmgrpc.v1 import llm_service_pb2 as pb
 
 from tests.fresh_process import run_fresh
-from tests.metrics_scrape import value
-from tests.server_process import ServerProcess, running
+from tests.metrics_scrape import at_rest, value
+from tests.server_process import ServerProcess
 from tests.waiting import eventually
 
+pytestmark = pytest.mark.engine
 SEED = 20261125
 
 
@@ -75,6 +78,8 @@ async def test_cancellation_storm_leaves_nothing_behind(llama: ServerProcess) ->
             value(url, "vllm:generation_tokens_total"),
         )  # fmt: skip
 
+    # Earlier tests' calls have all ended: the deltas below are this test's.
+    assert await eventually(lambda: at_rest(url))
     before = counters()
     cuts: Counter[str] = Counter()
     requested = 0
@@ -119,34 +124,33 @@ async def test_cancellation_storm_leaves_nothing_behind(llama: ServerProcess) ->
     assert generated < 0.8 * requested
 
 
+@pytest.mark.stops_server
 async def test_engine_death_fails_calls_with_unavailable_and_exits_nonzero(
-    request: pytest.FixtureRequest,
+    moe: ServerProcess,
 ) -> None:
-    # One engine slot: sixteen streams of 2000 tokens are ~32,000 decode
-    # steps, so most are surely still in the engine when it is killed.
-    family: list[psutil.Process] = []
-    with running(["--max-num-seqs", "1"], "engine-death", request) as server:
-        try:
-            await asyncio.to_thread(server.wait_serving)
-            assert server.proc is not None
-            family = psutil.Process(server.proc.pid).children(recursive=True)
-            cores = [p for p in family if "EngineCore" in p.name()]
-            assert len(cores) == 1, [(p.pid, p.name()) for p in family]
-            # The client runs in a process of its own (tests/fresh_process.py
-            # says why): when it acts is what this test is about.
-            seen = await asyncio.to_thread(run_fresh, kill_engine_under_load, server.target,
-                                           cores[0].pid)  # fmt: skip
-            _check_engine_death(seen)
-            code = await asyncio.to_thread(server.wait_exit, 60)
-            print(f"server exit code {code}")
-            assert code != 0, "the server must exit non-zero so it is restarted"
-            # No engine process outlives the server.
-            _, alive = await asyncio.to_thread(psutil.wait_procs, family, 30)
-            assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
-        finally:
-            for p in family:  # only if the assertion above failed
-                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                    p.kill()
+    # One engine slot (the `moe` server's --max-num-seqs 1): sixteen streams
+    # of 2000 tokens are ~32,000 decode steps, so most are surely still in
+    # the engine when it is killed.
+    assert moe.proc is not None
+    family = psutil.Process(moe.proc.pid).children(recursive=True)
+    try:
+        cores = [p for p in family if "EngineCore" in p.name()]
+        assert len(cores) == 1, [(p.pid, p.name()) for p in family]
+        # The client runs in a process of its own (tests/fresh_process.py
+        # says why): when it acts is what this test is about.
+        seen = await asyncio.to_thread(run_fresh, kill_engine_under_load, moe.target,
+                                       cores[0].pid)  # fmt: skip
+        _check_engine_death(seen)
+        code = await asyncio.to_thread(moe.wait_exit, 60)
+        print(f"server exit code {code}")
+        assert code != 0, "the server must exit non-zero so it is restarted"
+        # No engine process outlives the server.
+        _, alive = await asyncio.to_thread(psutil.wait_procs, family, 30)
+        assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
+    finally:
+        for p in family:  # only if the assertion above failed
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                p.kill()
 
 
 ENGINE_DEATH_STREAMS, ENGINE_DEATH_TOKENS = 16, 2000

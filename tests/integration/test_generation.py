@@ -11,6 +11,8 @@ from llmgrpc.v1 import llm_service_pb2 as pb
 
 from tests.server_process import ServerProcess
 
+pytestmark = pytest.mark.engine
+
 
 @pytest.fixture(scope="module")
 def client(llama: ServerProcess):  # type: ignore[no-untyped-def]

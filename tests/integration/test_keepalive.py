@@ -12,12 +12,11 @@ which kills the call. The server's `grpc_options` accept them:
    it succeeds with the server's options, and (negative control) the same
    call on the same server without them dies with too_many_pings;
 2. the real server (shared `llama`) serves long unary generations to a
-   pinging client.
+   pinging client (the module's only `engine` test).
 """
 
 from __future__ import annotations
 
-import asyncio
 import statistics
 import threading
 import time
@@ -34,6 +33,7 @@ from llmgrpc_server.config import ServerConfig
 from tests.fake_server import FakeServer, start_fake
 from tests.fakes import FakeEngine
 from tests.server_process import ServerProcess
+from tests.waiting import eventually
 
 # A client that pings every second, with or without calls, without limit.
 PINGING = [
@@ -104,11 +104,7 @@ async def test_negative_control_default_ping_policy_kills_the_call() -> None:
             await _long_call(srv)
         elapsed = time.monotonic() - started
         # The engine request is aborted with the call.
-        for _ in range(100):
-            if not srv.engine.running:
-                break
-            await asyncio.sleep(0.05)
-        assert not srv.engine.running
+        assert await eventually(lambda: not srv.engine.running, 5)
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
     # "Too many pings", or the GOAWAY's debug data "too_many_pings".
     text = f"{e.value.details()} {e.value.debug_error_string()}".lower().replace("_", " ")
@@ -142,6 +138,7 @@ def _parallel_generations(target: str, n: int) -> list[float]:
     return [seconds for seconds, _ in done]
 
 
+@pytest.mark.engine
 def test_real_server_long_unary_generations_under_pings(llama: ServerProcess) -> None:
     """Batches of concurrent long generations, doubled until most calls of a
     batch stay open for MIN_SECONDS: at a ping a second that is well past the

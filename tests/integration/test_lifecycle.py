@@ -1,4 +1,7 @@
-"""Cancellation and deadlines free the KV cache; health; SIGTERM drain under load."""
+"""Cancellation and deadlines free the KV cache; health; SIGTERM drain under load.
+
+All on the shared `llama` server; the drain test stops it, so it runs last.
+"""
 
 from __future__ import annotations
 
@@ -15,16 +18,18 @@ from llmgrpc.client import generate_request
 from llmgrpc.v1 import llm_service_pb2 as pb
 
 from tests.fresh_process import run_fresh
-from tests.metrics_scrape import sample_value, scrape, value
-from tests.server_process import SLOW_READER, ServerProcess, running
+from tests.metrics_scrape import at_rest, sample_value, scrape, value
+from tests.server_process import LLAMA_DRAIN_TIMEOUT, SLOW_READER, ServerProcess
 from tests.waiting import poll
+
+pytestmark = pytest.mark.engine
 
 
 def start_hold_and_cancel(target: str, url: str, n: int, max_tokens: int) -> dict[str, float]:
     """The client half: n long streams at once, cancelled all together as soon
     as the engine holds KV blocks for them. Returns `vllm:generation_tokens_total`
-    as last read before the cancels and how many seconds after them the engine
-    had no request running."""
+    as last read before the cancels and once the engine had no request
+    running, and how many seconds after the cancels that was."""
     with Client(target) as client:
         # The stub's call objects start on creation: all n go out at once.
         request = generate_request("Tell me a long story", max_tokens=max_tokens, ignore_eos=True)
@@ -44,11 +49,14 @@ def start_hold_and_cancel(target: str, url: str, n: int, max_tokens: int) -> dic
             s.cancel()
         cancelled = time.monotonic()
         assert poll(lambda: value(url, "vllm:num_requests_running") == 0, interval=0.05)
-        return {"generated_at_cancel": generated, "idle_after": time.monotonic() - cancelled}
+        idle_after = time.monotonic() - cancelled
+        return {"generated_at_cancel": generated, "idle_after": idle_after,
+                "generated_when_idle": value(url, "vllm:generation_tokens_total")}
 
 
 def test_kv_cache_rises_in_flight_and_cancel_frees_it(llama: ServerProcess) -> None:
     url = llama.metrics_url
+    assert poll(lambda: at_rest(url))  # the counters below move for this test's calls only
     generated_before = value(url, "vllm:generation_tokens_total")
     # 128 x 2000 tokens: four times what the 64 MiB KV cache holds at once
     # (~65k tokens), over 15 s of decoding at the ~15,000 tokens/s this
@@ -57,14 +65,16 @@ def test_kv_cache_rises_in_flight_and_cancel_frees_it(llama: ServerProcess) -> N
     n, max_tokens = 128, 2000
     seen = run_fresh(start_hold_and_cancel, llama.target, url, n, max_tokens)
     outstanding = n * max_tokens - (seen["generated_at_cancel"] - generated_before)
-    # Even at 30,000 tokens/s (twice this machine's best) the outstanding
-    # work would have taken this long; the engine must be idle well before.
-    would_take = outstanding / 30_000
-    print(f"\ncancelled {n} streams with {outstanding:.0f} tokens outstanding (>= "
-          f"{would_take:.1f} s of work): no request running {seen['idle_after']:.2f} s later")  # fmt: skip
+    after_cancel = seen["generated_when_idle"] - seen["generated_at_cancel"]
+    print(f"\ncancelled {n} streams with {outstanding:.0f} tokens outstanding: no request "
+          f"running {seen['idle_after']:.2f} s later, {after_cancel:.0f} tokens generated "
+          f"meanwhile")  # fmt: skip
     assert outstanding > n * max_tokens / 2, "the cancels came after most of the work was done"
-    # ... and cancelling them aborts them in the engine and frees every block.
-    assert seen["idle_after"] < would_take / 2
+    # ... and cancelling them aborts them in the engine: it went idle having
+    # done under a quarter of the work left (counted in tokens, not seconds:
+    # a busy machine slows the aborts and the decoding alike) ...
+    assert after_cancel < outstanding / 4
+    # ... and frees every block.
     assert poll(lambda: value(url, "vllm:kv_cache_usage_perc") == 0)
     assert value(url, "llmgrpc_requests_cancelled_total") >= n
     assert value(url, "grpc_server_handled_total", grpc_method="GenerateStream",
@@ -102,22 +112,23 @@ def test_deadline_aborts_the_request(llama: ServerProcess) -> None:
                 value(url, "grpc_server_handled_total", grpc_method=method,
                       grpc_code="DEADLINE_EXCEEDED"))  # fmt: skip
 
-    before = value(url, "llmgrpc_requests_deadline_exceeded_total")
+    # Exact counts below: no earlier test's call may still be ending.
+    assert poll(lambda: at_rest(url))
     unary_before = deadline_exceeded("Generate")
     generated_before = value(url, "vllm:generation_tokens_total")
     with Client(llama.target) as client, pytest.raises(grpc.RpcError) as e:
         client.generate("Hello", max_tokens=1900, ignore_eos=True, timeout=1.0)
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert poll(lambda: value(url, "vllm:num_requests_running") == 0)
-    assert poll(lambda: value(url, "llmgrpc_requests_deadline_exceeded_total") == before + 1)
-    # Counted under both names, aborted early, and its KV blocks freed.
-    assert deadline_exceeded("Generate") == tuple(n + 1 for n in unary_before)
+    # Counted once under both names, aborted early, and its KV blocks freed.
+    assert poll(lambda: deadline_exceeded("Generate") == tuple(n + 1 for n in unary_before))
     assert value(url, "vllm:generation_tokens_total") - generated_before < 1900
     assert poll(lambda: value(url, "vllm:kv_cache_usage_perc") == 0)
 
 
 def test_deadline_aborts_a_stream_midway(llama: ServerProcess) -> None:
     url = llama.metrics_url
+    assert poll(lambda: at_rest(url))  # as above
     stream_before = value(url, "llmgrpc_requests_deadline_exceeded_total",
                           grpc_method="GenerateStream")  # fmt: skip
     generated_before = value(url, "vllm:generation_tokens_total")
@@ -177,23 +188,23 @@ def sigterm_under_load(target: str, url: str, server_pid: int, n: int,
             "late": late, "streams": streams}  # fmt: skip
 
 
-def test_sigterm_drains_in_flight_streams_then_exits_zero(request: pytest.FixtureRequest) -> None:
-    n, max_tokens = 16, 1500
-    with running(["--drain-timeout", "60"], "drain", request) as server:
-        server.wait_serving()
-        assert server.proc is not None
-        # The client is a process of its own (tests/fresh_process.py says why):
-        # health must turn within 5 s of the SIGTERM.
-        seen = run_fresh(sigterm_under_load, server.target, server.metrics_url, server.proc.pid,
-                         n, max_tokens)  # fmt: skip
-        assert seen["not_serving"]
-        assert seen["liveness"] == "SERVING"
-        code, details = seen["late"]
-        assert code == "UNAVAILABLE" and "shutting down" in details, seen["late"]
-        # Every in-flight stream completes, nothing truncated.
-        assert seen["streams"] == [["FINISH_REASON_LENGTH", max_tokens]] * n
-        assert server.wait_exit(timeout=120) == 0
-        print(
-            f"\ndrain of {n} streams x {max_tokens} tokens: exit 0 "
-            f"{time.monotonic() - seen['sigterm_at']:.1f} s after SIGTERM"
-        )
+@pytest.mark.stops_server
+def test_sigterm_drains_in_flight_streams_then_exits_zero(llama: ServerProcess) -> None:
+    n, max_tokens = 16, 1500  # well within the server's drain timeout
+    assert llama.proc is not None
+    assert poll(lambda: at_rest(llama.metrics_url))  # the n streams it waits for are these
+    # The client is a process of its own (tests/fresh_process.py says why):
+    # health must turn within 5 s of the SIGTERM.
+    seen = run_fresh(sigterm_under_load, llama.target, llama.metrics_url, llama.proc.pid,
+                     n, max_tokens)  # fmt: skip
+    assert seen["not_serving"]
+    assert seen["liveness"] == "SERVING"
+    code, details = seen["late"]
+    assert code == "UNAVAILABLE" and "shutting down" in details, seen["late"]
+    # Every in-flight stream completes, nothing truncated.
+    assert seen["streams"] == [["FINISH_REASON_LENGTH", max_tokens]] * n
+    assert llama.wait_exit(timeout=LLAMA_DRAIN_TIMEOUT + 60) == 0
+    print(
+        f"\ndrain of {n} streams x {max_tokens} tokens: exit 0 "
+        f"{time.monotonic() - seen['sigterm_at']:.1f} s after SIGTERM"
+    )

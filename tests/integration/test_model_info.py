@@ -6,11 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from llmgrpc import Client
 from llmgrpc.v1 import llm_service_pb2 as pb
 
 from tests.server_process import ServerProcess
 
+pytestmark = pytest.mark.engine
 CLI = str(Path(sys.executable).parent / "llmgrpc")
 
 

@@ -1,10 +1,11 @@
 """Overload and deadlines against the real engine.
 
-One server for the module with a deliberately small front door and engine:
-`--max-in-flight 64` (admission control) and vLLM's own `--max-num-seqs 1`,
-so one admitted request runs and the others wait in the engine's queue,
-which makes "saturated" deterministic. The last test (the drain timeout)
-stops the server.
+On the shared `limited` server, with a deliberately small front door and
+engine: `--max-in-flight 64` (admission control) and vLLM's own
+`--max-num-seqs 1`, so one admitted request runs and the others wait in the
+engine's queue, which makes "saturated" deterministic. The drain-timeout
+test stops the server, so it runs last (`stops_server`). One test needs no
+engine (a stub) and is not marked `engine`.
 
 Streams that only hold capacity are started on a "slow reader" channel and
 not read until released: the handler then waits on HTTP/2 flow control and
@@ -19,7 +20,7 @@ import signal
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from types import SimpleNamespace
@@ -36,22 +37,12 @@ from llmgrpc_server.metrics_http import RENDER_MAX_AGE
 
 from tests import waiting
 from tests.fresh_process import run_fresh
-from tests.metrics_scrape import sample_value, scrape, value
-from tests.server_process import SLOW_READER, ServerProcess, running, start_stream
+from tests.metrics_scrape import at_rest, sample_value, scrape, value
+from tests.server_process import LIMITED_DRAIN_TIMEOUT as DRAIN_TIMEOUT
+from tests.server_process import LIMITED_MAX_IN_FLIGHT as MAX_IN_FLIGHT
+from tests.server_process import SLOW_READER, ServerProcess, start_stream
 
-MAX_IN_FLIGHT = 64
-ENGINE_SEQS = 1
-DRAIN_TIMEOUT = 2.0
 LONG = 2000  # tokens: the most the 2048-token context allows after a short prompt
-
-
-@pytest.fixture(scope="module")
-def limited(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
-    args = ["--max-in-flight", str(MAX_IN_FLIGHT), "--max-num-seqs", str(ENGINE_SEQS),
-            "--drain-timeout", str(DRAIN_TIMEOUT)]  # fmt: skip
-    with running(args, "overload", request) as server:
-        server.wait_serving()
-        yield server
 
 
 async def eventually(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
@@ -108,6 +99,7 @@ async def occupy(
     client: AsyncClient, url: str, n: int, max_tokens: int = LONG
 ) -> list[grpc.aio.Call]:
     """Start `n` streams and wait until the server has them all in flight."""
+    assert await eventually(lambda: at_rest(url))  # none in flight but these
     calls = [start_stream(client, max_tokens) for _ in range(n)]
     assert await eventually(lambda: value(url, "llmgrpc_active_streams") == n)
     return calls
@@ -138,6 +130,7 @@ def rss_mib(server: ServerProcess) -> float:
     return float(psutil.Process(server.proc.pid).memory_info().rss / 2**20)
 
 
+@pytest.mark.engine
 async def test_burst_beyond_max_in_flight_is_refused_at_once(limited: ServerProcess) -> None:
     url = limited.metrics_url
     burst = 2 * MAX_IN_FLIGHT
@@ -147,6 +140,7 @@ async def test_burst_beyond_max_in_flight_is_refused_at_once(limited: ServerProc
         return value(url, "grpc_server_handled_total", grpc_method="GenerateStream",
                      grpc_code="RESOURCE_EXHAUSTED")  # fmt: skip
 
+    assert await eventually(lambda: at_rest(url))  # the refusals counted below are these
     refused_before = refused_total()
     async with slow_reader(limited.target) as client:
         await client.generate("warm up", max_tokens=2)
@@ -177,6 +171,7 @@ async def test_burst_beyond_max_in_flight_is_refused_at_once(limited: ServerProc
     )
 
 
+@pytest.mark.engine
 async def test_sustained_overload_keeps_memory_bounded(limited: ServerProcess) -> None:
     url = limited.metrics_url
     async with slow_reader(limited.target) as holder, AsyncClient(limited.target) as client:
@@ -230,6 +225,7 @@ async def probe_during_huge_call(target: str, rpc: str) -> dict[str, Any]:
     return {"outcome": outcome, "seconds": huge_seconds, "probes": probes}
 
 
+@pytest.mark.engine
 @pytest.mark.parametrize("rpc", ["Generate", "Tokenize"])
 async def test_a_huge_prompt_does_not_stall_other_calls(limited: ServerProcess, rpc: str) -> None:
     """Tokenizing megabytes of text takes seconds. It must not hold the event
@@ -288,7 +284,8 @@ async def queue_late_calls(target: str, url: str, holders: int, late: int, late_
     async with AsyncClient(target, options=SLOW_READER) as holder, \
             AsyncClient(target, options=own) as client:  # fmt: skip
         calls = [start_stream(holder, LONG, timeout=300.0) for _ in range(holders)]
-        await asyncio.sleep(0.3)  # sent: the server admits them in this order
+        # Admitted before the late calls are sent: they queue ahead of them.
+        assert await eventually(lambda: value(url, "llmgrpc_active_streams") == holders, 60)
 
         async def late_call() -> str:
             try:
@@ -308,6 +305,7 @@ async def queue_late_calls(target: str, url: str, holders: int, late: int, late_
                        for name, labels in QUEUE_COUNTERS}}  # fmt: skip
 
 
+@pytest.mark.engine
 async def test_deadline_expiring_in_the_engine_queue_never_runs(limited: ServerProcess) -> None:
     late_calls, late_prompt = 2, 500
     # 62 holders: one runs in the engine, the others wait (~124,000 decode
@@ -322,6 +320,7 @@ async def test_deadline_expiring_in_the_engine_queue_never_runs(limited: ServerP
     # fresh process: docs/reliability.md) and sends them only after their
     # deadline, so the server never sees them. Then the scenario runs again,
     # up to three times; once both reached the server, every assertion holds.
+    assert await eventually(lambda: at_rest(limited.metrics_url))  # the deltas are this test's
     for attempt in range(1, 4):
         seen = await asyncio.to_thread(run_fresh, queue_late_calls, limited.target,
                                        limited.metrics_url, MAX_IN_FLIGHT - late_calls,
@@ -346,6 +345,7 @@ async def test_deadline_expiring_in_the_engine_queue_never_runs(limited: ServerP
     assert prompt_tokens - seen["prompt_tokens_before"] < late_prompt
 
 
+@pytest.mark.engine
 async def test_calls_that_expire_while_the_server_is_paused_leave_nothing_behind(
     limited: ServerProcess,
 ) -> None:
@@ -434,8 +434,10 @@ async def test_adapter_refuses_a_request_whose_deadline_has_passed() -> None:
             pass
 
 
+@pytest.mark.engine
+@pytest.mark.stops_server
 async def test_drain_timeout_cuts_streams_and_still_exits_zero(limited: ServerProcess) -> None:
-    """Last in the module: it stops the module's server."""
+    """It stops the server: `stops_server` runs it after every other test."""
     url = limited.metrics_url
     async with slow_reader(limited.target) as client:
         # Streams whose reader is too slow to finish within the drain timeout

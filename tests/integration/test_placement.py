@@ -1,4 +1,5 @@
-"""The served engine's processes, as `--pin-front-end` leaves them."""
+"""The served engine's processes, as `--pin-front-end` leaves them (the shared
+`moe` server carries the flag)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import os
 import pytest
 from llmgrpc_server import cpu_placement
 
-from tests.server_process import running
+from tests.server_process import ServerProcess
+
+pytestmark = pytest.mark.engine
 
 
 def _threads(pid: int) -> dict[int, set[int]]:
@@ -15,25 +18,23 @@ def _threads(pid: int) -> dict[int, set[int]]:
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="vLLM's CPU backend reserves a CPU")
-def test_front_end_and_engine_core_run_off_the_workers_cpus(request: pytest.FixtureRequest) -> None:
-    with running(["--pin-front-end"], "pinned", request) as pinned:
-        pinned.wait_serving()
-        assert pinned.proc is not None
-        server = pinned.proc.pid
-        workers = cpu_placement.descendants_named(server, "VLLM::Worker")
-        engine_core = cpu_placement.descendants_named(server, "VLLM::EngineCor")
-        assert len(workers) == 1 and len(engine_core) == 1, {
-            p: _comm(p) for p in cpu_placement.descendants(server)
-        }
-        worker_cpus = os.sched_getaffinity(workers[0])
-        front_end = os.sched_getaffinity(0) - worker_cpus
-        assert worker_cpus and front_end
-        for pid in (server, *engine_core):
-            threads = _threads(pid)
-            assert len(threads) > 1 and set(map(frozenset, threads.values())) == {
-                frozenset(front_end)
-            }, f"{_comm(pid)}: {threads}"
-        assert f"front end and engine core on CPUs {sorted(front_end)}" in pinned.log()
+def test_front_end_and_engine_core_run_off_the_workers_cpus(moe: ServerProcess) -> None:
+    assert moe.proc is not None
+    server = moe.proc.pid
+    workers = cpu_placement.descendants_named(server, "VLLM::Worker")
+    engine_core = cpu_placement.descendants_named(server, "VLLM::EngineCor")
+    assert len(workers) == 1 and len(engine_core) == 1, {
+        p: _comm(p) for p in cpu_placement.descendants(server)
+    }
+    worker_cpus = os.sched_getaffinity(workers[0])
+    front_end = os.sched_getaffinity(0) - worker_cpus
+    assert worker_cpus and front_end
+    for pid in (server, *engine_core):
+        threads = _threads(pid)
+        assert len(threads) > 1 and set(map(frozenset, threads.values())) == {
+            frozenset(front_end)
+        }, f"{_comm(pid)}: {threads}"
+    assert f"front end and engine core on CPUs {sorted(front_end)}" in moe.log()
 
 
 def _comm(pid: int) -> str:

@@ -21,6 +21,7 @@ from llmgrpc import Client
 from tests import promql
 from tests.server_process import ServerProcess
 
+pytestmark = pytest.mark.engine
 PROMETHEUS = shutil.which("prometheus")
 RATE_WINDOW = "30s"
 

@@ -1,7 +1,9 @@
 """End to end with the real engine: TLS + mutual TLS + bearer tokens + limits, CLI included.
 
-One server for the whole module, started with every security flag and the
-prompt/max_tokens limits; certificates are generated for the run. Protocol
+One server (`secure`, a session fixture: TLS changes every client, so it
+shares with no other configuration), started with every security flag and
+the prompt/max_tokens limits; certificates are generated for the run. The
+log test stops it, so it runs last (`stops_server`). Protocol
 details (rogue CAs, header schemes, constant-time comparison) are covered
 faster on the fake engine in tests/unit/test_auth_tls.py.
 """
@@ -22,7 +24,9 @@ from grpc_status import rpc_status
 from llmgrpc import Client, Security
 
 from tests.certs import Pki, make_pki
-from tests.server_process import ServerProcess, running
+from tests.server_process import ServerProcess, engine_fixture, running
+
+pytestmark = pytest.mark.engine
 
 TOKENS = ("llmgrpc-e2e-token-one-8c41f0", "llmgrpc-e2e-token-two-2b97de")
 WRONG = "llmgrpc-e2e-wrong-token-51aa3c"
@@ -58,7 +62,7 @@ class Secure:
                               timeout=120, check=False)  # fmt: skip
 
 
-@pytest.fixture(scope="module")
+@engine_fixture()
 def secure(
     tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[Secure]:
@@ -194,8 +198,9 @@ def test_prompt_and_max_tokens_limits_on_the_real_engine(secure: Secure) -> None
         assert default.usage.completion_tokens == MAX_TOKENS_LIMIT
 
 
+@pytest.mark.stops_server
 def test_tokens_never_appear_in_the_server_log(secure: Secure) -> None:
-    """Last in the module: stops the server so that its log is complete."""
+    """Stops the server so that its log is complete (`stops_server`: run last)."""
     with secure.client(token=WRONG) as c:
         assert _code(lambda: c.generate("x", max_tokens=1)) == grpc.StatusCode.UNAUTHENTICATED
     secure.server.stop()
