@@ -51,6 +51,7 @@ METRICS: dict[str, str] = {
     "llmgrpc_active_streams": "gauge",
     "llmgrpc_requests_cancelled_total": "counter",
     "llmgrpc_requests_deadline_exceeded_total": "counter",
+    "llmgrpc_engine_failures_total": "counter",
     "llmgrpc_streamed_tokens_total": "counter",
     "llmgrpc_generated_tokens_total": "counter",
     "llmgrpc_tokenize_requests_total": "counter",
