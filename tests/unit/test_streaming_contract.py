@@ -17,9 +17,13 @@ from types import SimpleNamespace
 import grpc
 import pytest
 from llmgrpc.v1 import llm_service_pb2 as pb
-from llmgrpc_server.errors import GENERIC_INTERNAL_MESSAGE
+from llmgrpc_server import convert
+from llmgrpc_server.domain import Limits
+from llmgrpc_server.errors import GENERIC_INTERNAL_MESSAGE, InvalidArgument
 from llmgrpc_server.vllm_adapter.engine import VllmEngine
 from llmgrpc_server.vllm_adapter.outputs import LogprobMismatch, OutputStream
+from vllm import SamplingParams
+from vllm.exceptions import VLLMValidationError
 from vllm.logprobs import FlatLogprobs, Logprob
 from vllm.outputs import CompletionOutput, RequestOutput
 
@@ -222,3 +226,18 @@ async def test_a_request_id_in_flight_is_already_exists_and_the_first_runs_on(fa
 
 async def _drain(stream: AsyncIterator[pb.GenerateResponse]) -> list[pb.GenerateResponse]:
     return [m async for m in stream]
+
+
+@pytest.mark.parametrize(("temperature", "ok"), [(0.0, True), (2.0, True), (2.01, False), (-0.01, False)])
+def test_temperature_range_is_the_documented_one(temperature: float, ok: bool) -> None:
+    """[0, 2]: convert.py, the proto comment, docs/api.md and vLLM agree."""
+    limits = Limits(vocab_size=512, max_model_len=2048)
+    msg = pb.SamplingParams(temperature=temperature)
+    if ok:
+        assert convert.to_sampling(msg, limits).temperature == temperature
+    else:
+        with pytest.raises(InvalidArgument, match=r"sampling.temperature: must be in \[0.0, 2.0\]"):
+            convert.to_sampling(msg, limits)
+    SamplingParams(temperature=2.0)  # vLLM's own upper bound, accepted
+    with pytest.raises(VLLMValidationError, match="temperature"):
+        SamplingParams(temperature=2.01)
