@@ -19,7 +19,9 @@ from llmgrpc import AsyncClient, Client
 from llmgrpc.client import generate_request
 from llmgrpc.v1 import llm_service_pb2 as pb
 
+from tests.metrics_scrape import at_rest
 from tests.server_process import SLOW_READER, ServerProcess, start_stream
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.engine
 
@@ -99,6 +101,7 @@ async def test_logprobs_under_coalescing_one_entry_per_token_id(llama: ServerPro
     """With 12 requests in flight a stream's messages carry 3 tokens each
     (policy.tokens_per_message); each message's logprobs are its own tokens'."""
     kw = {"max_tokens": 48, "ignore_eos": True, "temperature": 1.0, "seed": 11, "logprobs": 2}
+    assert await eventually(lambda: at_rest(llama.metrics_url))  # nobody else's calls in flight
     async with AsyncClient(llama.target, timeout=120) as c:
         background = [start_stream(c, max_tokens=1500) for _ in range(12)]
         try:
@@ -109,6 +112,7 @@ async def test_logprobs_under_coalescing_one_entry_per_token_id(llama: ServerPro
         finally:
             for call in background:
                 call.cancel()
+    assert await eventually(lambda: at_rest(llama.metrics_url))  # leave the shared server idle
     assert max(len(d.token_ids) for d in deltas) > 1, "no message carried more than one token"
     for d in deltas:
         assert [lp.token_id for lp in d.logprobs] == list(d.token_ids)
