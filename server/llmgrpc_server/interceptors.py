@@ -90,10 +90,15 @@ class _Call:
         self.code = grpc.StatusCode.OK
         self.start = time.perf_counter()
         self.budget = context.time_remaining()  # seconds to the deadline, None if none
+        self.finished = False
         grpc_metrics.started.labels(*self.labels).inc()
         grpc_metrics.msg_received.labels(*self.labels).inc()
 
     def finish(self) -> None:
+        """Record the call once (an error records it before its status is sent)."""
+        if self.finished:
+            return
+        self.finished = True
         self.metrics.handled.labels(*self.labels, self.code.name).inc()
         self.metrics.handling_seconds.labels(*self.labels).observe(
             time.perf_counter() - self.start
@@ -217,4 +222,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         else:
             call.code = grpc.StatusCode.INTERNAL
             log.exception("unexpected error in %s/%s", call.service, call.method)
+        # Counted before the caller can see the status: a client that reads the
+        # metrics right after its call failed finds the failure counted.
+        call.finish()
         await context.abort_with_status(to_status(e))

@@ -26,6 +26,7 @@ from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine import EngineCoreOutput, EngineCoreRequest, FinishReason
 from vllm.v1.engine.output_processor import OutputProcessor, RequestOutputCollector
 
+from tests import waiting
 from tests.fake_server import FakeServer, start_fake
 from tests.fakes import FakeEngine
 
@@ -283,9 +284,13 @@ async def test_an_error_finish_fails_the_call_streamed_and_unary(
         assert e.code() == code
         info = _error_info(e)
         assert info.reason == reason and info.domain == errors.ERROR_DOMAIN
+    # The server records a call just after it sends the status: wait for it.
     for method in ("GenerateStream", "Generate"):
         labels = _labels(method)
-        assert failing.metric("grpc_server_handled_total", {**labels, "grpc_code": code.name}) == 1
+        failed = {**labels, "grpc_code": code.name}
+        assert await waiting.eventually(
+            lambda failed=failed: failing.metric("grpc_server_handled_total", failed) == 1, 10.0
+        )
         assert failing.metric("grpc_server_handled_total", {**labels, "grpc_code": "OK"}) == 0
         assert failing.metric("llmgrpc_engine_failures_total", {
             "model_name": "fake", "grpc_method": method, "reason": reason}) == 1  # fmt: skip
