@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import uuid
+from collections.abc import Iterator
 
 from llmgrpc.v1 import llm_service_pb2 as pb
 
@@ -335,10 +336,27 @@ def merge_deltas(deltas: list[domain.Delta]) -> domain.Delta:
 
 
 def to_tokenize_response(t: domain.Tokenized) -> pb.TokenizeResponse:
+    msg = tokenize_response_head(t)
+    for _ in add_offsets(msg, t.offsets, len(t.offsets)):
+        pass
+    return msg
+
+
+def tokenize_response_head(t: domain.Tokenized) -> pb.TokenizeResponse:
+    """Everything but the offsets (each a message: see add_offsets)."""
     return pb.TokenizeResponse(
-        token_ids=t.token_ids,
-        tokens=t.tokens,
-        offsets=[pb.Offset(start=s, end=e) for s, e in t.offsets],
-        text=t.text,
-        max_model_len=t.max_model_len,
+        token_ids=t.token_ids, tokens=t.tokens, text=t.text, max_model_len=t.max_model_len
     )
+
+
+def add_offsets(
+    msg: pb.TokenizeResponse, offsets: tuple[tuple[int, int], ...], per_slice: int
+) -> Iterator[None]:
+    """Add `offsets` to `msg`, yielding after each `per_slice` of them, so the
+    caller can let other work run between slices."""
+    # add() in place: a tenth of the time of building each Offset, then copying it in.
+    add = msg.offsets.add
+    for at in range(0, len(offsets), max(per_slice, 1)):
+        for start, end in offsets[at : at + per_slice]:
+            add(start=start, end=end)
+        yield

@@ -15,13 +15,12 @@ import grpc
 from llmgrpc.v1 import llm_service_pb2 as pb
 from llmgrpc.v1 import llm_service_pb2_grpc as pb_grpc
 
-from llmgrpc_server import convert, domain, model_facts
+from llmgrpc_server import convert, domain, model_facts, policy
 from llmgrpc_server.admission import Admission
 from llmgrpc_server.engine_api import Engine
 from llmgrpc_server.errors import Unavailable
 from llmgrpc_server.metrics import ServiceMetrics
 
-INLINE_RESPONSE_TOKENS = 4_096
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LLMService"].full_name
 
 
@@ -94,11 +93,11 @@ class LLMServicer(pb_grpc.LLMServiceServicer):
         engine = self.engine
         text, chat, add_special = convert.to_tokenize_input(request, engine.limits)
         tokenized = await engine.tokenize(text, chat, add_special)
-        if len(tokenized.token_ids) > INLINE_RESPONSE_TOKENS:
-            # One message per offset: seconds for a megabyte of text, so
-            # built off the event loop that answers every other call.
-            return await asyncio.to_thread(convert.to_tokenize_response, tokenized)
-        return convert.to_tokenize_response(tokenized)
+        # One message per offset: a slice per loop turn, other calls answered between.
+        msg = convert.tokenize_response_head(tokenized)
+        for _ in convert.add_offsets(msg, tokenized.offsets, policy.TOKENS_PER_LOOP_TURN):
+            await asyncio.sleep(0)
+        return msg
 
     async def Detokenize(
         self, request: pb.DetokenizeRequest, context: grpc.aio.ServicerContext

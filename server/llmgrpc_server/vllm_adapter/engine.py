@@ -159,14 +159,32 @@ class VllmEngine:
     async def tokenize(
         self, text: str | None, chat: domain.Chat | None, add_special_tokens: bool | None
     ) -> domain.Tokenized:
-        # Off the event loop, as in generate().
-        if _input_chars(text, chat) > policy.INLINE_TOKENIZE_CHARS:
-            return await asyncio.to_thread(self._tokenize, text, chat, add_special_tokens)
-        return self._tokenize(text, chat, add_special_tokens)
+        if _input_chars(text, chat) <= policy.INLINE_TOKENIZE_CHARS:
+            rendered, enc = self._encode(text, chat, add_special_tokens)
+            tokens = self._tokenizer.convert_ids_to_tokens(enc["input_ids"])
+        else:
+            # The tokenizer's encode releases the GIL: a thread. Token strings
+            # are Python work: on the loop, a slice per turn (policy.py).
+            rendered, enc = await asyncio.to_thread(self._encode, text, chat, add_special_tokens)
+            tokens = []
+            ids = enc["input_ids"]
+            for at in range(0, len(ids), policy.TOKENS_PER_LOOP_TURN):
+                piece = ids[at : at + policy.TOKENS_PER_LOOP_TURN]
+                tokens.extend(self._tokenizer.convert_ids_to_tokens(piece))
+                await asyncio.sleep(0)
+        # tuple() of the tokenizer's lists runs in C, not per element in Python.
+        return domain.Tokenized(
+            token_ids=tuple(enc["input_ids"]),
+            tokens=tuple(tokens),
+            offsets=tuple(enc["offset_mapping"]),
+            text=rendered,
+            max_model_len=self._limits.max_model_len,
+        )
 
-    def _tokenize(
+    def _encode(
         self, text: str | None, chat: domain.Chat | None, add_special_tokens: bool | None
-    ) -> domain.Tokenized:
+    ) -> tuple[str, Any]:
+        """The text tokenized (a chat rendered first) and the tokenizer's encoding."""
         if chat is not None:
             text = self._render_chat(chat)
             add_special = bool(add_special_tokens)  # the template writes them
@@ -176,14 +194,7 @@ class VllmEngine:
             add_special = True if add_special_tokens is None else add_special_tokens
         assert text is not None
         enc = self._tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
-        ids = tuple(int(i) for i in enc["input_ids"])
-        return domain.Tokenized(
-            token_ids=ids,
-            tokens=tuple(self._tokenizer.convert_ids_to_tokens(list(ids))),
-            offsets=tuple((int(s), int(e)) for s, e in enc["offset_mapping"]),
-            text=text,
-            max_model_len=self._limits.max_model_len,
-        )
+        return text, enc
 
     async def detokenize(self, token_ids: list[int], skip_special_tokens: bool) -> str:
         if len(token_ids) > policy.INLINE_DETOKENIZE_IDS:
@@ -237,6 +248,7 @@ class VllmEngine:
             ids, field = list(self._tokenizer.encode(request.prompt or "")), "prompt"
         check_prompt_length(field, len(ids), self._limits)
         return ids
+
 
 def _max_token_bytes(tokenizer: Any) -> int:
     """What one id can cost in a Detokenize answer: the longest token string's
