@@ -38,7 +38,7 @@ from llmgrpc_server.vllm_adapter.sampling import client_message
 log = logging.getLogger(__name__)
 
 ENGINE_DEAD = "the engine has stopped; retry on another replica"
-# vLLM's queue limits say nothing of when room frees up: as our own limit does.
+# vLLM's queue limits suggest no delay: the same 1 s as our own admission limit.
 QUEUE_RETRY_AFTER = 1.0
 _FAILED = "the engine failed this request; the server log has the details"
 _RETRYABLE = "the engine failed this request for a transient reason; retry"
@@ -76,7 +76,7 @@ VLLM_ERRORS: dict[type[Exception], tuple[str, _Translate]] = {
     ),
     EngineDeadError: ("the engine process died", lambda e: Unavailable(ENGINE_DEAD)),
     GenerationError: (
-        "vLLM's own \"request failed\" error",
+        "vLLM's own error for a request that failed",
         lambda e: EngineFailed(_FAILED, reason="ENGINE_ERROR"),
     ),
     RetryableRequestError: (
@@ -84,6 +84,7 @@ VLLM_ERRORS: dict[type[Exception], tuple[str, _Translate]] = {
         lambda e: Unavailable(_RETRYABLE, reason="ENGINE_ERROR_RETRYABLE"),
     ),
 }
+
 
 def translate(error: Exception) -> BaseException:
     """The service error for an exception vLLM raised, or `error` itself
