@@ -3,19 +3,30 @@
 Every vLLM engine flag works (`AsyncEngineArgs.add_cli_args`); ours are in
 the "llmgrpc server" group. With no `--model` the embedded default model is
 built (offline, a few seconds) and served.
+
+Exit codes: 0 drained after SIGTERM/SIGINT; 1 the engine died, or startup
+failed (the error's trace is printed); 2 a bad flag (named);
+3 (`server.EXIT_STOPPED_LOADING`) SIGTERM/SIGINT before the model was loaded.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import logging
+import os
+import signal
 import sys
-from typing import Any
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+import uvloop
 
 from llmgrpc_server import config as server_config
-from llmgrpc_server import models
+from llmgrpc_server import cpu_placement, models
 
 log = logging.getLogger("llmgrpc_server")
+PROC = Path("/proc")
 
 # The embedded models are tiny: a small KV cache is plenty, and vLLM's default
 # (a fraction of all memory, on the CPU backend) fails on small machines.
@@ -41,7 +52,16 @@ def parse(argv: list[str] | None) -> tuple[server_config.ServerConfig, Any]:
         if ns.kv_cache_memory_bytes is None:
             ns.kv_cache_memory_bytes = EMBEDDED_KV_CACHE_BYTES
         vllm_settings.prefer_compact_json(ns)
+    else:
+        _check_local_model(ns.model)
     return config, vllm_settings.engine_args_from_cli(ns)
+
+
+def _check_local_model(model: str) -> None:
+    """A --model written as a path must exist: vLLM would take a missing one
+    for a hub id and fail with "Repo id must be in the form ...", or go online."""
+    if model.startswith(("/", "./", "../")) and not Path(model).exists():
+        raise ValueError(f"--model {model}: no such file or directory")
 
 
 def served_name(engine_args: Any) -> str:
@@ -65,7 +85,7 @@ async def run(config: server_config.ServerConfig, engine_args: Any) -> int:
         disable_created_metrics()
         http = start_metrics_server(config.metrics_port, config.host.strip("[]") or "::")
         log.info("metrics listening on port %d (/metrics)", http.server_port)
-    return await server.serve(
+    code = await server.serve(
         config,
         served_name(engine_args),
         lambda: VllmEngine.start(
@@ -78,6 +98,80 @@ async def run(config: server_config.ServerConfig, engine_args: Any) -> int:
         ),
         GrpcMetrics(),
     )
+    if code == server.EXIT_STOPPED_LOADING:
+        _abandon_load(code)
+    return code
+
+
+def _abandon_load(code: int) -> NoReturn:
+    """Exit now, leaving no engine process behind.
+
+    The model loads in a thread that nothing can interrupt, and leaving the
+    event loop would wait for it (a large model loads for half an hour): the
+    engine's processes are ended and the process exits without the thread.
+    """
+    stuck = end_child_processes()
+    if stuck:
+        log.error("engine processes %s did not end (stuck in the kernel?)", stuck)
+    log.info("exiting (%d) without waiting for the model load", code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+# Between SIGTERM and SIGKILL: the engine's processes may clean up their
+# shared memory; a worker blocked in a read of the weights never answers.
+CHILD_STOP_GRACE = 5.0
+CHILD_KILL_WAIT = 5.0
+
+
+def end_child_processes(grace: float = CHILD_STOP_GRACE,
+                        kill_wait: float = CHILD_KILL_WAIT) -> list[int]:  # fmt: skip
+    """SIGTERM every process below this one, SIGKILL those left after `grace`
+    seconds; returns any still alive `kill_wait` seconds later.
+
+    Each process gets each signal once, including processes that appear
+    meanwhile (a child the load thread was starting).
+    """
+    started = time.monotonic()
+    sent: dict[signal.Signals, set[int]] = {signal.SIGTERM: set(), signal.SIGKILL: set()}
+    while living := _living_descendants():
+        elapsed = time.monotonic() - started
+        if elapsed > grace + kill_wait:
+            return living
+        sig = signal.SIGKILL if elapsed > grace else signal.SIGTERM
+        for pid in set(living) - sent[sig]:
+            log.info("%s to %d (%s)", sig.name, pid, _name(pid))
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+            sent[sig].add(pid)
+        time.sleep(0.05)
+    log.info("the engine's processes have ended (%d)", len(sent[signal.SIGTERM]))
+    return []
+
+
+def _name(pid: int) -> str:
+    try:
+        return (PROC / str(pid) / "comm").read_text().strip()
+    except OSError:
+        return "ended"
+
+
+def _living_descendants() -> list[int]:
+    """Processes below this one, but not zombies, nor Python's multiprocessing
+    resource tracker: it ignores SIGTERM by design and ends after us, unlinking
+    the shared memory the engine's processes leave."""
+    living = []
+    for pid in cpu_placement.descendants(os.getpid()):
+        try:
+            state = (PROC / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            cmdline = (PROC / str(pid) / "cmdline").read_bytes()
+        except (OSError, IndexError):
+            continue  # ended meanwhile
+        if state != "Z" and b"multiprocessing.resource_tracker" not in cmdline:
+            living.append(pid)
+    return living
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -89,13 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         print(f"llmgrpc-server: {e}", file=sys.stderr)
         raise SystemExit(2) from e
-    try:
-        import uvloop
-
-        code = uvloop.run(run(config, engine_args))
-    except ImportError:
-        code = asyncio.run(run(config, engine_args))
-    raise SystemExit(code)
+    # uvloop is a dependency (vLLM imports it too): no fallback that could
+    # take an ImportError from startup for a missing uvloop and run it again.
+    raise SystemExit(uvloop.run(run(config, engine_args)))
 
 
 if __name__ == "__main__":

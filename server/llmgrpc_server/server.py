@@ -2,7 +2,10 @@
 
 1. The gRPC port opens first: health "" is SERVING (the process is up) and
    "llmgrpc.v1.LLMService" NOT_SERVING while the model loads.
-2. The engine loads; the service turns SERVING.
+2. The engine loads; the service turns SERVING. A SIGTERM/SIGINT meanwhile
+   ends the load: the port closes and `serve` returns EXIT_STOPPED_LOADING
+   (main.py then ends the engine's processes and exits at once). A load that
+   fails closes the port and raises its error.
 3. On SIGTERM/SIGINT the service turns NOT_SERVING at once and new
    generation calls get UNAVAILABLE, while health checks keep answering; calls
    in flight get up to `drain_timeout` seconds to finish; then the server
@@ -42,6 +45,8 @@ EngineFactory = Callable[[], Awaitable[Engine]]
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 ENGINE_WATCH_INTERVAL = 0.5
+EXIT_ENGINE_DIED = 1
+EXIT_STOPPED_LOADING = 3
 
 
 def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
@@ -135,10 +140,16 @@ async def serve(
     running = await start(config, model_name, grpc_metrics, registry)
     if on_started is not None:
         on_started(running)
-    engine = await _load(engine_factory, stop)
-    if engine is None:  # asked to stop while loading
+    try:
+        engine = await _load(engine_factory, stop)
+    except Exception:
+        # Closed here, the port leaves no grpc noise after the error's trace.
         await running.server.stop(grace=0)
-        return 0
+        raise
+    if engine is None:
+        log.warning("stopped while the model was loading")
+        await running.server.stop(grace=0)
+        return EXIT_STOPPED_LOADING
     running.servicer.attach(engine)
     running.metrics.set_model_info(model_facts.info_metric_labels(engine.model_info()))
     with _frozen_startup_heap(), _quiet_ended_call_writes():
@@ -149,7 +160,7 @@ async def serve(
             await running.health.set(SERVICE_NAME, NOT_SERVING)
             await running.health.set("", NOT_SERVING)
             await running.server.stop(grace=2)
-            return 1
+            return EXIT_ENGINE_DIED
         return await drain(running, engine, config.drain_timeout)
 
 
