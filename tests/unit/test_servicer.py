@@ -15,6 +15,7 @@ from llmgrpc_server import interceptors
 from llmgrpc_server.config import ServerConfig
 
 from tests.fake_server import FakeServer, start_fake
+from tests.waiting import eventually
 
 
 async def test_unary_equals_concatenated_stream(client: AsyncClient) -> None:
@@ -182,7 +183,8 @@ async def test_admission_control_rejects_with_retry_info() -> None:
     try:
         async with AsyncClient(srv.target) as c:
             slow = [asyncio.create_task(c.generate("a", max_tokens=20)) for _ in range(2)]
-            await asyncio.sleep(0.2)
+            # Both admitted and in the engine (1 s each): the next one finds no slot.
+            assert await eventually(lambda: len(srv.engine.running) == 2, 5)
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 await c.generate("b", max_tokens=1)
             assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
