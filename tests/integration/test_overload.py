@@ -208,8 +208,8 @@ async def probe_during_huge_call(target: str, rpc: str) -> dict[str, Any]:
         start = time.monotonic()
         if rpc == "Generate":  # 6 MB: refused once tokenized, far too long
             work = client.generate("hello world " * 500_000, max_tokens=1, timeout=120)
-        else:  # 1.2 MB: 600,002 tokens, with their strings and offsets (~10 MB)
-            work = client.tokenize("hello world " * 100_000, timeout=120)
+        else:  # the most --max-tokenize-chars allows: 131,072 tokens, strings and offsets
+            work = client.tokenize("hello world " * 21_845, timeout=120)
         huge = asyncio.ensure_future(work)
         probes: list[float] = []
         while not huge.done():
@@ -237,7 +237,7 @@ async def test_a_huge_prompt_does_not_stall_other_calls(limited: ServerProcess, 
     if rpc == "Generate":
         assert seen["outcome"] == "INVALID_ARGUMENT"
     else:
-        assert seen["outcome"] == 600_002  # BOS, 6 per "hello world ", "Ġ"
+        assert seen["outcome"] == 131_072  # BOS, 6 per "hello world ", "Ġ"
     print(f"\n{rpc} of a huge prompt answered after {huge_seconds:.1f} s; {len(probes)} "
           f"health checks meanwhile, slowest {max(probes) * 1000:.0f} ms")  # fmt: skip
     # Before the fix the first probe waited for the whole tokenization.
