@@ -66,6 +66,9 @@ WORKDIR /home/llmgrpc
 USER 10001:10001
 EXPOSE 50051 9400
 # Healthy = the engine answers (model loaded); large models take long.
+# On a TLS server, name the probe's certificates in the container's
+# environment: LLMGRPC_HEALTHCHECK_CA_CERT, and under mTLS
+# LLMGRPC_HEALTHCHECK_CLIENT_CERT/_CLIENT_KEY (docs/deploy.md).
 HEALTHCHECK --interval=30s --timeout=10s --start-period=30m --retries=3 \
   CMD ["llmgrpc-healthcheck", "--target", "127.0.0.1:50051", "--service", "llmgrpc.v1.LLMService"]
 ENTRYPOINT ["llmgrpc-server"]
@@ -130,6 +133,7 @@ WORKDIR /home/llmgrpc
 USER 10001:10001
 EXPOSE 50051 9400
 # Loading weights dominates the start (the engine is eager: nothing compiles).
+# On a TLS server: LLMGRPC_HEALTHCHECK_* variables, as in the cuda stage.
 HEALTHCHECK --interval=15s --timeout=10s --start-period=10m --retries=3 \
   CMD ["llmgrpc-healthcheck", "--target", "127.0.0.1:50051", "--service", "llmgrpc.v1.LLMService"]
 # Arguments after the image name follow --enforce-eager; --no-enforce-eager

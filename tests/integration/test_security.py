@@ -10,6 +10,7 @@ faster on the fake engine in tests/unit/test_auth_tls.py.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -149,6 +150,22 @@ def test_cli_with_certificates_and_token_file(secure: Secure) -> None:
     assert "UNAUTHENTICATED" in denied.stderr
     health = secure.cli("health", token=False)
     assert (health.returncode, health.stdout.strip()) == (0, "SERVING")
+
+
+def test_the_image_healthcheck_on_the_tls_server(secure: Secure) -> None:
+    """`llmgrpc-healthcheck` as the image's HEALTHCHECK runs it, its certificates
+    named by the container's environment; health needs no token."""
+    pki = secure.pki
+    env = {**os.environ, "LLMGRPC_HEALTHCHECK_CA_CERT": str(pki.ca.cert),
+           "LLMGRPC_HEALTHCHECK_CLIENT_CERT": str(pki.client.cert),
+           "LLMGRPC_HEALTHCHECK_CLIENT_KEY": str(pki.client.key)}  # fmt: skip
+    command = [str(CLI.parent / "llmgrpc-healthcheck"), "--target", secure.server.target,
+               "--service", "llmgrpc.v1.LLMService", "--timeout", "30"]  # fmt: skip
+    ok = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert (ok.returncode, ok.stdout.strip()) == (0, "SERVING"), ok.stderr
+    without = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert without.returncode == 1
+    assert "UNAVAILABLE" in without.stderr and "LLMGRPC_HEALTHCHECK_CA_CERT" in without.stderr
 
 
 def _prompt_too_long(err: grpc.RpcError) -> dict[str, str]:

@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ from tests.fake_server import FakeServer, start_fake
 TOKENS = ("tok-alpha-3f9c1e", "tok-beta-77d2a0")
 WRONG = "tok-wrong-5b1d44"
 FAIL_FAST = 5.0  # seconds: a refused handshake must not hang a test
+HEALTHCHECK = Path(sys.executable).parent / "llmgrpc-healthcheck"
 
 
 @pytest.fixture(scope="module")
@@ -316,3 +320,53 @@ async def test_cli_speaks_tls_mtls_and_tokens(
         no_cert = ["--target", srv.target, "--ca-cert", str(pki.ca.cert), "--timeout", "5"]
         assert await asyncio.to_thread(run, "health", *no_cert) == 1
         assert "UNAVAILABLE" in capsys.readouterr().err
+
+
+# --- llmgrpc-healthcheck (the image's HEALTHCHECK) ------------------------------------
+
+
+async def _healthcheck(target: str, *flags: str, env: dict[str, str] | None = None
+                       ) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """The console script, as a container runs it, beside the server on this event loop."""
+    command = [str(HEALTHCHECK), "--target", target, "--timeout", str(FAIL_FAST), *flags]
+    return await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True,
+                                   env={**os.environ, **(env or {})}, timeout=60,
+                                   check=False)  # fmt: skip
+
+
+async def test_healthcheck_speaks_mtls_from_its_environment_or_flags(
+    mtls: FakeServer, pki: Pki
+) -> None:
+    env = {"LLMGRPC_HEALTHCHECK_CA_CERT": str(pki.ca.cert),
+           "LLMGRPC_HEALTHCHECK_CLIENT_CERT": str(pki.client.cert),
+           "LLMGRPC_HEALTHCHECK_CLIENT_KEY": str(pki.client.key)}  # fmt: skip
+    ok = await _healthcheck(mtls.target, env=env)
+    assert (ok.returncode, ok.stdout.strip()) == (0, "SERVING"), ok.stderr
+    flags = ["--ca-cert", str(pki.ca.cert), "--client-cert", str(pki.client.cert),
+             "--client-key", str(pki.client.key), "--server-name", "localhost"]  # fmt: skip
+    ok = await _healthcheck(mtls.target, *flags)
+    assert (ok.returncode, ok.stdout.strip()) == (0, "SERVING"), ok.stderr
+    # The server name is checked against the certificate.
+    wrong_name = await _healthcheck(mtls.target, *flags[:-1], "api.example.com")
+    assert wrong_name.returncode == 1
+    assert wrong_name.stderr.startswith(f"{mtls.target}: UNAVAILABLE: "), wrong_name.stderr
+
+
+async def test_healthcheck_without_the_certificates_fails_saying_what_to_give(
+    mtls: FakeServer, pki: Pki, tmp_path: Path
+) -> None:
+    plaintext = await _healthcheck(mtls.target)
+    assert plaintext.returncode == 1
+    assert plaintext.stdout == ""
+    assert plaintext.stderr.startswith(f"{mtls.target}: UNAVAILABLE: "), plaintext.stderr
+    assert "give --ca-cert or LLMGRPC_HEALTHCHECK_CA_CERT" in plaintext.stderr
+    no_client_cert = await _healthcheck(mtls.target, env={"LLMGRPC_HEALTHCHECK_CA_CERT":
+                                                          str(pki.ca.cert)})  # fmt: skip
+    assert no_client_cert.returncode == 1
+    assert "give --client-cert and --client-key" in no_client_cert.stderr, no_client_cert.stderr
+    missing = tmp_path / "no-such-ca.crt"
+    bad_path = await _healthcheck(mtls.target, "--ca-cert", str(missing))
+    assert bad_path.returncode == 1
+    assert bad_path.stderr.strip() == f"llmgrpc-healthcheck: --ca-cert {missing}: no such file"
+    print(f"\nplaintext: {plaintext.stderr.strip()}\nno client certificate: "
+          f"{no_client_cert.stderr.strip()}")  # fmt: skip
