@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -20,7 +21,7 @@ from llmgrpc import AsyncClient
 from llmgrpc.client import generate_request, tokenize_request
 from llmgrpc.v1 import llm_service_pb2 as pb
 from llmgrpc_server import domain
-from llmgrpc_server.config import ServerConfig
+from llmgrpc_server.config import SIZE_CAP_FLAGS, ServerConfig
 from llmgrpc_server.convert import check_token_ids
 from llmgrpc_server.errors import InvalidArgument
 
@@ -226,3 +227,11 @@ def test_the_first_id_outside_the_vocabulary_is_named(ids: list[int], field: str
     assert e.value.violations[0].field == field
     check_token_ids("ids", [0, VOCAB - 1] * 1000, VOCAB)  # inside: no error
     check_token_ids("ids", [], VOCAB)
+
+
+def test_every_size_cap_is_documented_with_its_default() -> None:
+    root = Path(__file__).resolve().parents[2]
+    api, readme = (root / "docs/api.md").read_text(), (root / "README.md").read_text()
+    for flag, name in SIZE_CAP_FLAGS:
+        assert f"| `{flag}` | {getattr(domain.SizeCaps, name):,} |" in api, flag
+        assert f"`{flag}`" in readme, flag
