@@ -176,7 +176,7 @@ GENERIC_INTERNAL_MESSAGE = "internal error; the server log has the details"
 def status_row(error_type: type[ServiceError]) -> StatusRow:
     """The row of `error_type`: its own, or its nearest ancestor's."""
     for cls in error_type.__mro__:
-        row = STATUS_TABLE.get(cls)  # type: ignore[call-overload]
+        row = STATUS_TABLE.get(cls)
         if row is not None:
             return row
     raise LookupError(f"{error_type.__name__} has no row in STATUS_TABLE")
