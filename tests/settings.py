@@ -11,6 +11,6 @@ import os
 # test_load.py: seconds of mixed traffic while memory and fds are sampled.
 SOAK_SECONDS = float(os.environ.get("LLMGRPC_SOAK_SECONDS", "60"))
 # test_fuzz.py: hypothesis examples of 8 calls each.
-FUZZ_EXAMPLES = int(os.environ.get("LLMGRPC_FUZZ_EXAMPLES", "200"))
+FUZZ_EXAMPLES = int(os.environ.get("LLMGRPC_FUZZ_EXAMPLES", "300"))
 # An engine server's start, model load included.
 STARTUP_TIMEOUT = float(os.environ.get("LLMGRPC_TEST_STARTUP_TIMEOUT", "300"))
