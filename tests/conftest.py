@@ -23,7 +23,8 @@ os.environ.setdefault("GRPC_EXPERIMENTS", "-event_engine_client")
 # Last: after deselection (-m) and pytest's own ordering.
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Checks the `engine` marks and runs the tests that stop a shared server last."""
+    """Checks the `engine` marks and runs the tests that stop a shared server last
+    among the engine tests."""
     from tests.server_process import ENGINE_FIXTURES
 
     unmarked = [f"{item.nodeid} (uses {', '.join(sorted(ENGINE_FIXTURES & set(item.fixturenames)))})"
@@ -33,5 +34,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         raise pytest.UsageError("tests that use an engine server must be marked "
                                 "`engine` (pytestmark = pytest.mark.engine):\n  "
                                 + "\n  ".join(unmarked))  # fmt: skip
-    # Stable: every other test first, then these in the order they were collected.
-    items.sort(key=lambda item: item.get_closest_marker("stops_server") is not None)
+    # After every other engine test, in the order they were collected, so that
+    # the servers they stop are not kept up through the tests that need none.
+    stopping = [item for item in items if item.get_closest_marker("stops_server")]
+    others = [item for item in items if not item.get_closest_marker("stops_server")]
+    engine = [i for i, item in enumerate(others) if item.get_closest_marker("engine")]
+    at = engine[-1] + 1 if engine else len(others)
+    items[:] = others[:at] + stopping + others[at:]

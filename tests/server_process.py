@@ -53,7 +53,7 @@ def start_stream(client: AsyncClient, max_tokens: int, timeout: float = 120.0) -
 # costs 20-50 s here. A test joins one by naming its fixture. A new test that
 # needs a flag adds it to a configuration whose tests it does not change, and
 # starts a server of its own only when none fits. A test that stops its
-# server carries `@pytest.mark.stops_server`: it runs after all others.
+# server carries `@pytest.mark.stops_server`: it runs after the other engine tests.
 
 # "llama" carries the load test's room: 512 in flight (vLLM's default batch)
 # and 300 calls per connection (above its 256); and the drain timeout that the
