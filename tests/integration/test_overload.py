@@ -420,7 +420,8 @@ async def test_adapter_refuses_a_request_whose_deadline_has_passed() -> None:
             served_model_name="stub", model="stub"))  # fmt: skip
 
         def get_tokenizer(self) -> object:
-            return SimpleNamespace(chat_template=None, encode=lambda text: [1, 2])
+            return SimpleNamespace(chat_template=None, encode=lambda text: [1, 2],
+                                   get_vocab=lambda: {"hi": 1})  # fmt: skip
 
         def generate(self, *args: object) -> object:
             raise AssertionError("a request past its deadline reached the engine")
