@@ -256,7 +256,7 @@ def to_structured_output(msg: pb.StructuredOutput, limits: Limits) -> domain.Str
             raise InvalidArgument("structured_output.json_schema", f"not valid JSON: {e}") from e
         if not isinstance(schema, dict):
             raise InvalidArgument("structured_output.json_schema", "must be a JSON object")
-        return domain.StructuredOutput(json_schema=msg.json_schema)
+        return domain.StructuredOutput(json_schema=schema)
     if kind == "choice":
         if not msg.choice.choices or any(not c for c in msg.choice.choices):
             raise InvalidArgument(
@@ -275,8 +275,7 @@ _FINISH = {
     None: pb.FINISH_REASON_UNSPECIFIED,
     domain.FinishReason.STOP: pb.FINISH_REASON_STOP,
     domain.FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
-    domain.FinishReason.ABORT: pb.FINISH_REASON_ABORT,
-}
+}  # FINISH_REASON_ABORT is never sent (docs/api.md)
 
 
 def to_generate_response(delta: domain.Delta) -> pb.GenerateResponse:

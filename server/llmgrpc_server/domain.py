@@ -6,16 +6,19 @@ into these (see convert.py), the engine adapter turns these into vLLM calls.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from typing import Any
 
 from llmgrpc_server.errors import InvalidArgument, PromptTooLong
 
 
 class FinishReason(Enum):
+    """How a request that succeeded ended; every other end is an error status."""
+
     STOP = "stop"
     LENGTH = "length"
-    ABORT = "abort"
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,8 @@ class Sampling:
 class StructuredOutput:
     """Exactly one of the fields is set."""
 
-    json_schema: str | None = None
+    # The schema as parsed (once, by the conversion layer).
+    json_schema: dict[str, Any] | None = None
     regex: str | None = None
     choice: tuple[str, ...] | None = None
     grammar: str | None = None
@@ -262,3 +266,10 @@ def _prompt_limit_source(limits: Limits) -> str:
         limits.max_prompt_tokens_cap < limits.max_model_len - 1
     )
     return "the server's --max-prompt-tokens" if capped else "the model's limit"
+
+
+def served_names(served: str | Sequence[str] | None, model: str) -> tuple[str, ...]:
+    """The names a model answers to: vLLM's --served-model-name, else its path or id."""
+    if not served:
+        return (model,)
+    return (served,) if isinstance(served, str) else tuple(served)

@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 import uvloop
 
 from llmgrpc_server import config as server_config
-from llmgrpc_server import cpu_placement, models
+from llmgrpc_server import cpu_placement, domain, models
 
 log = logging.getLogger("llmgrpc_server")
 PROC = Path("/proc")
@@ -65,10 +65,7 @@ def _check_local_model(model: str) -> None:
 
 
 def served_name(engine_args: Any) -> str:
-    names = engine_args.served_model_name
-    if isinstance(names, list | tuple) and names:
-        return str(names[0])
-    return str(names or engine_args.model)
+    return domain.served_names(engine_args.served_model_name, str(engine_args.model))[0]
 
 
 async def run(config: server_config.ServerConfig, engine_args: Any) -> int:

@@ -57,7 +57,7 @@ class VllmEngine:
             max_model_len=config.max_model_len,
             max_logprobs=config.max_logprobs,
             has_chat_template=bool(getattr(self._tokenizer, "chat_template", None)),
-            model_names=_served_names(config.served_model_name, config.model),
+            model_names=domain.served_names(config.served_model_name, config.model),
             max_token_bytes=_max_token_bytes(self._tokenizer),
             caps=size_caps,
         ).capped(max_prompt_tokens, max_tokens)
@@ -139,8 +139,12 @@ class VllmEngine:
             await self._abort_quietly(request_id)
             raise
         except ServiceError:
-            raise  # ours (outputs.py: a finish reason that is a failure)
+            # Ours, from outputs.py: a failed finish (the request is over) or
+            # outputs that do not add up (it may still run: free it).
+            await self._abort_quietly(request_id)
+            raise
         except Exception as e:
+            await self._abort_quietly(request_id)  # a no-op if vLLM already ended it
             # vLLM's own errors become ours (failures.VLLM_ERRORS); anything
             # else goes on as is: INTERNAL, with the trace in the log.
             failure = failures.translate(e)
@@ -208,7 +212,7 @@ class VllmEngine:
         vc = self._llm.vllm_config
         mc, cc = vc.model_config, vc.cache_config
         return domain.ModelInfo(
-            model_name=_first_name(mc.served_model_name, mc.model),
+            model_name=domain.served_names(mc.served_model_name, mc.model)[0],
             model_path=self._model_path,
             max_model_len=mc.max_model_len,
             dtype=str(mc.dtype).removeprefix("torch."),
@@ -262,20 +266,8 @@ def _check_deadline(request: domain.GenerationRequest) -> None:
         raise DeadlineExceeded("the request's deadline passed before it started")
 
 
-def _served_names(served: str | list[str] | None, model: str) -> tuple[str, ...]:
-    if not served:
-        return (model,)
-    return (served,) if isinstance(served, str) else tuple(served)
-
-
 def _input_chars(text: str | None, chat: domain.Chat | None) -> int:
     return len(text or "") + (sum(len(turn.content) for turn in chat.turns) if chat else 0)
-
-
-def _first_name(names: str | list[str] | None, model: str) -> str:
-    if isinstance(names, list):
-        return names[0] if names else model
-    return names or model
 
 
 def _kv_dtype(cache_dtype: str, model_dtype: str) -> str:

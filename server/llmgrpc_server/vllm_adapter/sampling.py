@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 
 from vllm import SamplingParams
@@ -91,9 +90,7 @@ def _structured(spec: domain.StructuredOutput | None) -> StructuredOutputsParams
     if spec.json_schema is not None:
         # Compact JSON: free whitespace lets a weak model pad forever and costs
         # tokens; the output still validates against the schema.
-        return StructuredOutputsParams(
-            json=json.loads(spec.json_schema), disable_any_whitespace=True
-        )
+        return StructuredOutputsParams(json=spec.json_schema, disable_any_whitespace=True)
     if spec.choice is not None:
         return StructuredOutputsParams(choice=list(spec.choice))
     return StructuredOutputsParams(regex=spec.regex, grammar=spec.grammar)
