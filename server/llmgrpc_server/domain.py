@@ -181,7 +181,7 @@ class SizeCaps:
     max_stop_token_ids: int = 256
     max_structured_output_chars: int = 65_536
     max_chat_messages: int = 1_024
-    max_tokenize_chars: int = 262_144
+    max_tokenize_chars: int = 131_072
     max_detokenize_tokens: int = 65_536
     max_message_bytes: int = 16 * 1024 * 1024
 

@@ -1,8 +1,8 @@
 """Size caps on the real engine: no call can stall the others.
 
 The shared `llama` server runs with the default caps (domain.SizeCaps), which
-keep the largest allowed calls to about a second here, so the maximal calls
-are the defaults' own.
+keep the largest allowed calls under a second here, so the maximal calls are
+the defaults' own.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from llmgrpc.v1 import llm_service_pb2 as pb
 from llmgrpc_server.domain import SizeCaps
 
 from tests.fresh_process import run_fresh
-from tests.server_process import ServerProcess
+from tests.server_process import MOE_MAX_TOKENIZE_CHARS, ServerProcess
 
 pytestmark = pytest.mark.engine
 
@@ -84,7 +84,8 @@ async def test_health_answers_within_100_ms_while_maximal_calls_run(llama: Serve
     async with AsyncClient(llama.target) as prober:
         assert await prober.health() == "SERVING"
         busy = asyncio.ensure_future(
-            asyncio.to_thread(run_fresh, maximal_calls, llama.target, BUSY_SECONDS))
+            asyncio.to_thread(run_fresh, maximal_calls, llama.target, BUSY_SECONDS)
+        )
         probes: list[tuple[float, float]] = []  # (sent at, seconds to answer)
         while not busy.done():
             sent = time.monotonic()
@@ -186,14 +187,17 @@ async def test_the_old_stalls_are_refused_before_the_work(llama: ServerProcess) 
 
 
 async def test_a_tokenize_answer_too_large_to_send_is_refused_before_the_work(
-    llama: ServerProcess,
+    moe: ServerProcess,
 ) -> None:
-    """Within --max-tokenize-chars, but 4 UTF-8 bytes a character (a token or
-    more each): the answer could pass --max-message-bytes (16 MiB), so it is
-    refused before tokenizing, naming that flag. For chat input the engine
-    checks the rendered template's text, before tokenizing it too."""
-    emoji = "\U0001f600" * (CAPS.max_tokenize_chars - 8)
-    async with AsyncClient(llama.target) as client:
+    """With the default caps every Tokenize answer fits in 16 MiB; the shared
+    `moe` server allows 8 times the default characters. 262,144 emoji are
+    within that, but 4 UTF-8 bytes each (a token or more each): the answer
+    could pass --max-message-bytes, so it is refused before tokenizing, naming
+    that flag. For chat input the engine checks the rendered template's
+    text, before tokenizing it too."""
+    assert MOE_MAX_TOKENIZE_CHARS >= 262_144
+    emoji = "\U0001f600" * 262_144
+    async with AsyncClient(moe.target) as client:
         text = await _refused(client.tokenize(emoji, timeout=60))
         chat = await _refused(client.tokenize(messages=[("user", emoji)], timeout=60))
         # The same text in a size that fits is answered whole.

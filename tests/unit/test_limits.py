@@ -107,7 +107,7 @@ def test_size_cap_flags_reach_the_limits() -> None:
     defaults = server_config.from_namespace(parser.parse_args([])).size_caps()
     assert defaults == domain.SizeCaps()
     assert (defaults.max_stop_strings, defaults.max_stop_string_chars) == (16, 256)
-    assert (defaults.max_detokenize_tokens, defaults.max_tokenize_chars) == (65_536, 262_144)
+    assert (defaults.max_detokenize_tokens, defaults.max_tokenize_chars) == (65_536, 131_072)
     assert defaults.max_structured_output_chars == 65_536
 
 
