@@ -20,7 +20,7 @@ import pytest
 from llmgrpc import AsyncClient
 from llmgrpc.client import generate_request, tokenize_request
 from llmgrpc.v1 import llm_service_pb2 as pb
-from llmgrpc_server import domain
+from llmgrpc_server import domain, policy
 from llmgrpc_server.config import SIZE_CAP_FLAGS, ServerConfig
 from llmgrpc_server.convert import check_token_ids
 from llmgrpc_server.errors import InvalidArgument
@@ -235,3 +235,15 @@ def test_every_size_cap_is_documented_with_its_default() -> None:
     for flag, name in SIZE_CAP_FLAGS:
         assert f"| `{flag}` | {getattr(domain.SizeCaps, name):,} |" in api, flag
         assert f"`{flag}`" in readme, flag
+
+
+async def test_a_tokenize_answer_built_in_slices_is_whole() -> None:
+    srv = await _serve()
+    n = 3 * policy.TOKENS_PER_LOOP_TURN + 5  # the fake engine: one token a character
+    try:
+        async with AsyncClient(srv.target) as client:
+            answer = await client.tokenize("x" * n)
+    finally:
+        await srv.running.server.stop(grace=0)
+    assert len(answer.token_ids) == len(answer.tokens) == len(answer.offsets) == n
+    assert [(o.start, o.end) for o in answer.offsets] == [(i, i + 1) for i in range(n)]
