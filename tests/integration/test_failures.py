@@ -22,13 +22,13 @@ from collections.abc import AsyncIterator, Iterator
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from llmgrpc import AsyncClient
 from llmgrpc.client import generate_request
 
 from tests import waiting
 from tests.metrics_scrape import value
 from tests.server_process import ServerProcess, engine_fixture, running
+from tests.status_details import details
 
 pytestmark = pytest.mark.engine
 
@@ -69,11 +69,8 @@ async def _waiting_in_engine(url: str, n: int) -> bool:
 def _assert_queue_full(e: grpc.aio.AioRpcError, flag: str) -> None:
     assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.details()
     assert flag in (e.details() or "")
-    status = rpc_status.from_call(e)  # type: ignore[arg-type]
-    assert status is not None
-    kinds = {d.TypeName() for d in status.details}
-    assert error_details_pb2.RetryInfo.DESCRIPTOR.full_name in kinds
-    assert error_details_pb2.ErrorInfo.DESCRIPTOR.full_name in kinds
+    assert details(e, error_details_pb2.RetryInfo)
+    assert details(e, error_details_pb2.ErrorInfo)
 
 
 async def test_vllm_queue_limits_are_resource_exhausted_with_retry_info(

@@ -31,7 +31,6 @@ from typing import Any
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from llmgrpc import Client
@@ -40,6 +39,7 @@ from llmgrpc.v1 import llm_service_pb2 as pb
 from tests.metrics_scrape import at_rest, value
 from tests.server_process import ServerProcess
 from tests.settings import FUZZ_EXAMPLES as EXAMPLES
+from tests.status_details import details
 from tests.waiting import poll
 
 pytestmark = pytest.mark.engine
@@ -293,16 +293,8 @@ CALLS = st.sampled_from(
 
 
 def _field_violations(err: grpc.RpcError) -> list[str]:
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    if status is None:
-        return []
-    out = []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            out += [v.field for v in bad.field_violations]
-    return out
+    return [v.field for bad in details(err, error_details_pb2.BadRequest)
+            for v in bad.field_violations]  # fmt: skip
 
 
 def _check_generated(msg: pb.GenerateRequest, final: pb.GenerateResponse,

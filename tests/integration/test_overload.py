@@ -30,7 +30,6 @@ import grpc
 import psutil
 import pytest
 from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from llmgrpc import AsyncClient
 from llmgrpc.v1 import llm_service_pb2 as pb
 from llmgrpc_server.metrics_http import RENDER_MAX_AGE
@@ -41,6 +40,7 @@ from tests.metrics_scrape import at_rest, sample_value, scrape, value
 from tests.server_process import LIMITED_DRAIN_TIMEOUT as DRAIN_TIMEOUT
 from tests.server_process import LIMITED_MAX_IN_FLIGHT as MAX_IN_FLIGHT
 from tests.server_process import SLOW_READER, ServerProcess, start_stream
+from tests.status_details import details
 
 LONG = 2000  # tokens: the most the 2048-token context allows after a short prompt
 
@@ -77,13 +77,8 @@ async def run_stream(client: AsyncClient, max_tokens: int) -> Outcome:
 
 
 def _retry_delay(error: grpc.aio.AioRpcError) -> float | None:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    for detail in status.details if status else ():
-        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            info = error_details_pb2.RetryInfo()
-            detail.Unpack(info)
-            return float(info.retry_delay.ToTimedelta().total_seconds())
-    return None
+    infos = details(error, error_details_pb2.RetryInfo)
+    return float(infos[0].retry_delay.ToTimedelta().total_seconds()) if infos else None
 
 
 def slow_reader(target: str) -> AsyncClient:

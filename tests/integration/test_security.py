@@ -21,11 +21,11 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from grpc_status import rpc_status
 from llmgrpc import Client, Security
 
 from tests.certs import Pki, make_pki
 from tests.server_process import ServerProcess, engine_fixture, running
+from tests.status_details import detail
 
 pytestmark = pytest.mark.engine
 
@@ -169,15 +169,9 @@ def test_the_image_healthcheck_on_the_tls_server(secure: Secure) -> None:
 
 
 def _prompt_too_long(err: grpc.RpcError) -> dict[str, str]:
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    assert status is not None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            assert info.reason == "PROMPT_TOO_LONG"
-            return dict(info.metadata)
-    raise AssertionError("no ErrorInfo")
+    info = detail(err, error_details_pb2.ErrorInfo)
+    assert info.reason == "PROMPT_TOO_LONG"
+    return dict(info.metadata)
 
 
 def test_prompt_and_max_tokens_limits_on_the_real_engine(secure: Secure) -> None:

@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from llmgrpc import AsyncClient
 from llmgrpc_server import config as server_config
 from llmgrpc_server import domain
@@ -28,6 +27,7 @@ from llmgrpc_server.policy import tokens_per_message
 
 from tests.fake_server import FakeServer, start_fake
 from tests.fakes import FakeEngine
+from tests.status_details import detail, details
 from tests.waiting import eventually
 
 
@@ -52,15 +52,6 @@ async def _serve(config: ServerConfig, step_delay: float = 0.0) -> FakeServer:
     return await start_fake(config, engine=CappedFakeEngine(config, step_delay))
 
 
-def _error_info(err: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    assert status is not None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info
-    raise AssertionError("no ErrorInfo detail")
 
 
 @pytest.fixture
@@ -186,7 +177,7 @@ async def test_prompt_above_the_limit_names_it_with_limit_and_actual(
     assert e.value.details() == (
         f"{field}: 11 prompt tokens exceed the server's --max-prompt-tokens of 10"
     )
-    info = _error_info(e.value)
+    info = detail(e.value, error_details_pb2.ErrorInfo)
     assert info.reason == "PROMPT_TOO_LONG"
     assert dict(info.metadata) == {"limit": "10", "actual": "11"}
 
@@ -200,7 +191,7 @@ async def test_a_cap_above_the_model_leaves_the_model_limit() -> None:
         assert e.value.details() == (
             "prompt_token_ids: 64 prompt tokens exceed the model's limit of 63"
         )
-        assert _error_info(e.value).metadata["limit"] == "63"
+        assert detail(e.value, error_details_pb2.ErrorInfo).metadata["limit"] == "63"
     finally:
         await srv.running.server.stop(grace=0)
 
@@ -267,8 +258,7 @@ async def test_calls_beyond_the_per_connection_limit_are_refused_clearly() -> No
                 assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 assert "--max-concurrent-streams" in (err.details() or ""), err.details()
                 assert "2 calls in flight" in (err.details() or ""), err.details()
-                status = rpc_status.from_call(err)  # type: ignore[arg-type]
-                assert any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in status.details)
+                assert details(err, error_details_pb2.RetryInfo)
             assert refused_in < 0.5  # at once: the two slow calls still run
             assert not any(t.done() for t in slow)
             assert await c.health() == "SERVING"  # probes are not counted

@@ -8,13 +8,13 @@ import math
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from llmgrpc import AsyncClient
 from llmgrpc.v1 import llm_service_pb2 as pb
 from llmgrpc_server import interceptors
 from llmgrpc_server.config import ServerConfig
 
 from tests.fake_server import FakeServer, start_fake
+from tests.status_details import detail, details
 from tests.waiting import eventually
 
 
@@ -29,15 +29,6 @@ async def test_unary_equals_concatenated_stream(client: AsyncClient) -> None:
     assert not any(d.HasField("usage") for d in deltas[:-1])
 
 
-def _bad_request(err: grpc.aio.AioRpcError) -> error_details_pb2.BadRequest:
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    assert status is not None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            out = error_details_pb2.BadRequest()
-            detail.Unpack(out)
-            return out
-    raise AssertionError("no BadRequest detail")
 
 
 @pytest.mark.parametrize(
@@ -70,7 +61,7 @@ async def test_bad_input_is_invalid_argument_naming_the_field(
             await call(prompt, **kwargs)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert field in (e.value.details() or "")
-        assert _bad_request(e.value).field_violations[0].field == field
+        assert detail(e.value, error_details_pb2.BadRequest).field_violations[0].field == field
 
 
 def _drain_stream(client: AsyncClient):  # type: ignore[no-untyped-def]
@@ -83,10 +74,7 @@ def _drain_stream(client: AsyncClient):  # type: ignore[no-untyped-def]
 async def test_prompt_too_long_carries_limit_and_actual(client: AsyncClient) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await client.generate("y" * 80)
-    status = rpc_status.from_call(e.value)  # type: ignore[arg-type]
-    infos = [d for d in status.details if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR)]
-    info = error_details_pb2.ErrorInfo()
-    infos[0].Unpack(info)
+    info = detail(e.value, error_details_pb2.ErrorInfo)
     assert info.reason == "PROMPT_TOO_LONG"
     assert info.metadata["limit"] == "63" and info.metadata["actual"] == "80"
 
@@ -188,8 +176,7 @@ async def test_admission_control_rejects_with_retry_info() -> None:
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 await c.generate("b", max_tokens=1)
             assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            status = rpc_status.from_call(e.value)  # type: ignore[arg-type]
-            assert any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in status.details)
+            assert details(e.value, error_details_pb2.RetryInfo)
             await asyncio.gather(*slow)
             assert (await c.generate("c", max_tokens=1)).usage.completion_tokens == 1
     finally:

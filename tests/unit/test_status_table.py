@@ -14,7 +14,6 @@ import pytest
 import vllm.exceptions
 import vllm.v1.engine.exceptions
 from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from llmgrpc import AsyncClient
 from llmgrpc.v1 import llm_service_pb2 as pb
 from llmgrpc_server import domain, errors
@@ -29,6 +28,7 @@ from vllm.v1.engine.output_processor import OutputProcessor, RequestOutputCollec
 from tests import waiting
 from tests.fake_server import FakeServer, start_fake
 from tests.fakes import FakeEngine
+from tests.status_details import detail
 
 API_MD = Path(__file__).resolve().parents[2] / "docs" / "api.md"
 Code = grpc.StatusCode
@@ -282,7 +282,7 @@ async def test_an_error_finish_fails_the_call_streamed_and_unary(
     assert all(m.finish_reason == pb.FINISH_REASON_UNSPECIFIED for m in received)
     for e in (streamed.value, unary.value):
         assert e.code() == code
-        info = _error_info(e)
+        info = detail(e, error_details_pb2.ErrorInfo)
         assert info.reason == reason and info.domain == errors.ERROR_DOMAIN
     # The server records a call just after it sends the status: wait for it.
     for method in ("GenerateStream", "Generate"):
@@ -296,12 +296,3 @@ async def test_an_error_finish_fails_the_call_streamed_and_unary(
             "model_name": "fake", "grpc_method": method, "reason": reason}) == 1  # fmt: skip
 
 
-def _error_info(e: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
-    status = rpc_status.from_call(e)  # type: ignore[arg-type]
-    assert status is not None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info
-    raise AssertionError("no ErrorInfo detail")
