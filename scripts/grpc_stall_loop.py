@@ -3,7 +3,7 @@ scenario against one server, a new traced client process per round.
 
     .venv/bin/python scripts/grpc_stall_loop.py [--rounds 20] [--trace http,subchannel] [--out DIR]
 
-Each round runs `queue_late_calls` (tests/integration/test_overload.py) in a
+Each round runs `queue_late_calls` (tests/overload_scenarios.py) in a
 fresh interpreter: 62 streams held on a slow-reader connection fill the
 engine's queue (`--max-num-seqs 1`), then 2 unary calls with an 8 s deadline
 queue behind them on a connection of their own. A healthy round ends with both
@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 import tests.conftest  # noqa: F401  (the suite's GRPC_EXPERIMENTS, set before grpc is imported)
 from tests.fresh_process import run_fresh
-from tests.integration.test_overload import MAX_IN_FLIGHT, drained, queue_late_calls
+from tests.overload_scenarios import drained, queue_late_calls
+from tests.server_process import LIMITED_MAX_IN_FLIGHT as MAX_IN_FLIGHT
 from tests.server_process import launch
 
 LATE, LATE_PROMPT, DEADLINE = 2, 500, 8.0
