@@ -250,6 +250,28 @@ def check_tokenize_answer(field: str, text: str, limits: Limits) -> None:
     limits.check_answer_fits(field, bound, per_unit)
 
 
+# A unary GenerateResponse costs at most, per generated token: its text and id,
+# and with logprobs one TokenLogprob (its token's string plus 23 bytes of id,
+# logprob, rank and framing) holding up to k + 1 TopLogprobs (string + 18).
+_ID_BYTES, _LOGPROB_BYTES, _TOP_BYTES = 5, 23, 18
+
+
+def check_generate_answer(request: GenerationRequest, limits: Limits, default_max_tokens: int
+                          ) -> None:  # fmt: skip
+    """Refuse, before the work, a unary Generate whose answer might not be sendable
+    (GenerateStream sends the same tokens in many messages)."""
+    s, token = request.sampling, limits.max_token_bytes
+    max_tokens = min(s.max_tokens or default_max_tokens, limits.max_tokens)
+    per_token = token + _ID_BYTES
+    if s.logprobs is not None:
+        per_token += token + _LOGPROB_BYTES + (s.logprobs + 1) * (token + _TOP_BYTES)
+    limits.check_answer_fits(
+        "sampling.max_tokens", max_tokens * per_token + ANSWER_OVERHEAD_BYTES,
+        f"{max_tokens} tokens, up to {per_token} bytes each with their logprobs; "
+        "GenerateStream sends them in many messages",
+    )  # fmt: skip
+
+
 def _smaller(model_limit: int, cap: int | None) -> int:
     return model_limit if cap is None else min(model_limit, cap)
 

@@ -51,6 +51,10 @@ class CountingEngine(FakeEngine):
         self.work += 1
         return await super().detokenize(token_ids, skip_special_tokens)
 
+    def generate(self, request: domain.GenerationRequest) -> AsyncIterator[domain.Delta]:
+        self.work += 1
+        return super().generate(request)
+
 
 async def _serve(**kw: Any) -> FakeServer:
     config = ServerConfig(host="127.0.0.1", port=0, metrics_port=-1, **kw)
@@ -197,6 +201,35 @@ async def test_a_detokenize_answer_that_might_not_fit_is_refused_before_the_work
         f"up to {per_id} bytes each), over the server's --max-message-bytes of 4096; send less "
         "or raise --max-message-bytes"
     )
+
+
+async def test_a_unary_generate_answer_that_might_not_fit_is_refused_before_the_work(
+    small_messages: FakeServer,
+) -> None:
+    engine = small_messages.engine
+    assert isinstance(engine, CountingEngine)
+    token = engine.limits.max_token_bytes
+    plain, with_logprobs = token + 5, 2 * token + 5 + 23 + 2 * (token + 18)  # logprobs=1
+    room = 4096 - domain.ANSWER_OVERHEAD_BYTES
+    async with AsyncClient(small_messages.target) as client:
+        assert len((await client.generate("hi", max_tokens=room // plain)).token_ids)
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await client.generate("hi", max_tokens=room // plain + 1)
+        with pytest.raises(grpc.aio.AioRpcError) as e2:
+            await client.generate("hi", max_tokens=room // with_logprobs + 1, logprobs=1)
+        assert engine.work == 1
+        # The same tokens streamed go in many messages: served.
+        streamed = [d async for d in client.stream("hi", max_tokens=room // plain + 1)]
+        assert sum(len(d.token_ids) for d in streamed) == room // plain + 1
+    assert e.value.code() == e2.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    n = room // plain + 1
+    assert e.value.details() == (
+        f"sampling.max_tokens: the answer could reach {n * plain + 1024} bytes ({n} tokens, up "
+        f"to {plain} bytes each with their logprobs; GenerateStream sends them in many "
+        "messages), over the server's --max-message-bytes of 4096; send less or raise "
+        "--max-message-bytes"
+    )
+    assert f"up to {with_logprobs} bytes each" in (e2.value.details() or "")
 
 
 async def test_long_model_names_and_roles_are_refused(capped: FakeServer) -> None:
