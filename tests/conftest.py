@@ -14,6 +14,7 @@ make no client channels. A user's own environment value wins.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import pytest
 
@@ -23,8 +24,7 @@ os.environ.setdefault("GRPC_EXPERIMENTS", "-event_engine_client")
 # Last: after deselection (-m) and pytest's own ordering.
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Checks the `engine` marks and runs the tests that stop a shared server last
-    among the engine tests."""
+    """Checks the `engine` marks, then orders the tests (_run_order)."""
     from tests.server_process import ENGINE_FIXTURES
 
     unmarked = [f"{item.nodeid} (uses {', '.join(sorted(ENGINE_FIXTURES & set(item.fixturenames)))})"
@@ -36,8 +36,51 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                                 + "\n  ".join(unmarked))  # fmt: skip
     # After every other engine test, in the order they were collected, so that
     # the servers they stop are not kept up through the tests that need none.
-    stopping = [item for item in items if item.get_closest_marker("stops_server")]
-    others = [item for item in items if not item.get_closest_marker("stops_server")]
-    engine = [i for i, item in enumerate(others) if item.get_closest_marker("engine")]
-    at = engine[-1] + 1 if engine else len(others)
-    items[:] = others[:at] + stopping + others[at:]
+    items[:] = sorted(items, key=_run_order(items))
+    _LAST_USE.clear()
+    for item in items:
+        for name in ENGINE_FIXTURES & set(item.fixturenames):
+            _LAST_USE[name] = item.nodeid
+
+
+# Engine fixture -> the node id of the last test that uses it.
+_LAST_USE: dict[str, str] = {}
+
+
+def _run_order(items: list[pytest.Item]) -> Callable[[pytest.Item], tuple[int, int, int, int]]:
+    """The order that keeps one engine server up at a time where it can: on this
+    2-core machine every live server costs the others CPU (docs/reliability.md).
+
+    1. the container build, while no server runs;
+    2. the engine tests, grouped by the server they use (a server's group in the
+       order of its first test; a test that stops its server last in its group);
+    3. the tests without an engine.
+    """
+    from tests.server_process import ENGINE_FIXTURES
+
+    position = {item.nodeid: i for i, item in enumerate(items)}
+    groups: dict[str, int] = {}
+
+    def key(item: pytest.Item) -> tuple[int, int, int, int]:
+        index = position[item.nodeid]
+        if item.get_closest_marker("container"):
+            return (0, 0, 0, index)
+        if not item.get_closest_marker("engine"):
+            return (2, 0, 0, index)
+        servers = [name for name in item.fixturenames if name in ENGINE_FIXTURES]
+        group = groups.setdefault(servers[0] if servers else item.module.__name__, len(groups))
+        return (1, group, 1 if item.get_closest_marker("stops_server") else 0, index)
+
+    for item in items:  # the groups in the order of their first test
+        key(item)
+    return key
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """Stop a shared server after the last test that uses it, not at the session's end."""
+    from tests.server_process import LIVE
+
+    for name, last in _LAST_USE.items():
+        if last == item.nodeid and name in LIVE:
+            LIVE[name].stop()

@@ -23,8 +23,7 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from llmgrpc import AsyncClient
+from llmgrpc import AsyncClient, Client
 from llmgrpc.client import generate_request
 
 from tests.settings import STARTUP_TIMEOUT
@@ -86,6 +85,9 @@ SHARED: dict[str, list[str]] = {
 # Fixtures that start or hold a real engine server; tests using one must be
 # marked `engine` (checked at collection by tests/conftest.py).
 ENGINE_FIXTURES: set[str] = set()
+# The servers running() has up, by name (a shared server's name is its
+# fixture's): tests/conftest.py stops each after the last test that uses it.
+LIVE: dict[str, ServerProcess] = {}
 
 
 def engine_fixture(scope: str = "session") -> Callable[[F], F]:
@@ -120,7 +122,6 @@ class ServerProcess:
 
     def start(self) -> ServerProcess:
         env = {**os.environ, **self.extra_env}
-        env.setdefault("LLMGRPC_MODELS_DIR", str(Path.home() / ".cache/llmgrpc/models"))
         self.proc = subprocess.Popen(
             [str(SERVER), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *self.args],
             stdout=self.log_path.open("wb"), stderr=subprocess.STDOUT, env=env, cwd=ROOT,
@@ -150,14 +151,11 @@ class ServerProcess:
         """Watch the health service until `service` is SERVING."""
         if not self.port:
             self.wait_ports()
-        with grpc.insecure_channel(self.target) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            try:
-                for resp in stub.Watch(health_pb2.HealthCheckRequest(service=service), timeout=timeout):
-                    if resp.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-            except grpc.RpcError as e:
-                raise RuntimeError(f"server never became ready ({e.code()}):\n{self.log()[-6000:]}") from e
+        try:
+            with Client(self.target) as client:
+                client.wait_until_serving(service, timeout)
+        except (grpc.RpcError, grpc.FutureTimeoutError) as e:
+            raise RuntimeError(f"server never became ready ({e!r}):\n{self.log()[-6000:]}") from e
 
     def _check_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
@@ -197,11 +195,13 @@ def running(args: list[str], name: str, request: pytest.FixtureRequest) -> Itera
     _check_marked(request)
     failed_before = request.session.testsfailed
     server = launch(args, name=name)
+    LIVE[name] = server
     failed = True
     try:
         yield server
         failed = False
     finally:
+        LIVE.pop(name, None)
         server.stop()
         if failed or request.session.testsfailed > failed_before:
             _report_log(server, request)

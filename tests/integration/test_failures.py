@@ -1,4 +1,5 @@
-"""vLLM's own queue limits on the real engine: RESOURCE_EXHAUSTED with RetryInfo.
+"""Failures vLLM reports, on the real engine: its queue limits answer
+RESOURCE_EXHAUSTED with RetryInfo, and a request its engine fails ends INTERNAL.
 
 One server for the module (`queue_limited`): one engine slot (`--max-num-seqs 1`)
 so that requests wait in vLLM's queue in a known order, and vLLM's queue limits
@@ -8,9 +9,11 @@ so that requests wait in vLLM's queue in a known order, and vLLM's queue limits
 vLLM checks both in its front end (AsyncLLM.check_admission) before it adds a
 request: the number of requests first, then the prompt tokens waiting.
 
-The error finish reason (`error`) has no trigger on this engine that a request
-can reach (see docs/reliability.md, "Status codes"): it is proven through vLLM's
-own output processor in tests/unit/test_status_table.py.
+The error finish reason (`error`): a grammar whose language is empty
+(`root ::= root`) passes vLLM's front-end validation, then the engine core's
+grammar rejects every token and vLLM ends the request with `error` ("grammar
+rejected tokens"). Found by tests/integration/test_fuzz.py; before the status
+table change it ended OK with FINISH_REASON_STOP. Runs on the shared `llama`.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from llmgrpc import AsyncClient
 from llmgrpc.client import generate_request
 
 from tests import waiting
-from tests.metrics_scrape import value
+from tests.metrics_scrape import at_rest, value
 from tests.server_process import ServerProcess, engine_fixture, running
 from tests.status_details import details
 
@@ -71,6 +74,40 @@ def _assert_queue_full(e: grpc.aio.AioRpcError, flag: str) -> None:
     assert flag in (e.details() or "")
     assert details(e, error_details_pb2.RetryInfo)
     assert details(e, error_details_pb2.ErrorInfo)
+
+
+EMPTY_GRAMMAR = "root ::= root"
+
+
+@pytest.mark.parametrize("method", ["Generate", "GenerateStream"])
+async def test_a_request_the_engine_fails_ends_internal_never_ok(
+    llama: ServerProcess, method: str
+) -> None:
+    url = llama.metrics_url
+    failures = {"grpc_method": method, "reason": "ENGINE_ERROR"}
+    handled = {"grpc_method": method, "grpc_code": "INTERNAL"}
+    def counts() -> tuple[float, float]:
+        return (value(url, "llmgrpc_engine_failures_total", **failures),
+                value(url, "grpc_server_handled_total", **handled))  # fmt: skip
+
+    assert await waiting.eventually(lambda: at_rest(url), 60.0)
+    before = counts()
+    req = generate_request("hi", max_tokens=4, grammar=EMPTY_GRAMMAR)
+    async with AsyncClient(llama.target) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            if method == "Generate":
+                await client.stub.Generate(req, timeout=60.0)
+            else:
+                _ = [m async for m in client.stub.GenerateStream(req, timeout=60.0)]
+        assert e.value.code() == grpc.StatusCode.INTERNAL
+        assert e.value.details() == "the engine failed this request; the server log has the details"
+        assert [i.reason for i in details(e.value, error_details_pb2.ErrorInfo)] == ["ENGINE_ERROR"]
+        # The server goes on serving.
+        assert (await client.generate("hi", max_tokens=2, ignore_eos=True)).usage.completion_tokens == 2
+    # /metrics renders at most every 0.1 s: wait for this call's counts (the
+    # wait fails on a count past them too).
+    expected = (before[0] + 1, before[1] + 1)
+    assert await waiting.eventually(lambda: counts() == expected, 30.0), (counts(), expected)
 
 
 async def test_vllm_queue_limits_are_resource_exhausted_with_retry_info(
