@@ -61,26 +61,28 @@ LLAMA_MAX_IN_FLIGHT = 512
 LLAMA_MAX_CONCURRENT_STREAMS = 300
 LLAMA_DRAIN_TIMEOUT = 60
 # "limited": a small front door and engine that make "saturated" deterministic
-# (tests/integration/test_overload.py), and a short drain timeout to cut.
+# (tests/integration/test_overload.py), and a short drain timeout to cut; and
+# a Tokenize cap 8x the default, so that a Tokenize answer can outgrow
+# --max-message-bytes (tests/integration/test_input_caps.py; no overload test
+# calls Tokenize).
 LIMITED_MAX_IN_FLIGHT = 64
 LIMITED_DRAIN_TIMEOUT = 2.0
-MOE_MAX_TOKENIZE_CHARS = 1_048_576
+LIMITED_MAX_TOKENIZE_CHARS = 1_048_576
 SHARED: dict[str, list[str]] = {
     "llama": ["--model", "tiny-llama-gqa",
               "--max-in-flight", str(LLAMA_MAX_IN_FLIGHT),
               "--max-concurrent-streams", str(LLAMA_MAX_CONCURRENT_STREAMS),
               "--drain-timeout", str(LLAMA_DRAIN_TIMEOUT)],
-    # The MoE model. Its tests read facts, so it also carries the flags of
-    # two tests that need a server of their own: --pin-front-end (the
-    # placement test reads its processes' CPUs) and one engine slot (the
-    # engine-death test, the last on it, kills its engine with 15 calls queued);
-    # and a Tokenize cap 8x the default, so that a Tokenize answer can outgrow
-    # --max-message-bytes (tests/integration/test_input_caps.py).
-    "moe": ["--model", "tiny-mixtral-moe", "--pin-front-end", "--max-num-seqs", "1",
-            "--max-tokenize-chars", str(MOE_MAX_TOKENIZE_CHARS)],
+    # The MoE model, a base model without a chat template. Its tests read
+    # facts, so it also carries the flags of two tests that need a server of
+    # their own: --pin-front-end (the placement test reads its processes' CPUs)
+    # and one engine slot (the engine-death test, the last on it, kills its
+    # engine with 15 calls queued).
+    "moe": ["--model", "tiny-mixtral-moe", "--pin-front-end", "--max-num-seqs", "1"],
     "limited": ["--model", "tiny-llama-gqa",
                 "--max-in-flight", str(LIMITED_MAX_IN_FLIGHT), "--max-num-seqs", "1",
-                "--drain-timeout", str(LIMITED_DRAIN_TIMEOUT)],
+                "--drain-timeout", str(LIMITED_DRAIN_TIMEOUT),
+                "--max-tokenize-chars", str(LIMITED_MAX_TOKENIZE_CHARS)],
 }  # fmt: skip
 # Fixtures that start or hold a real engine server; tests using one must be
 # marked `engine` (checked at collection by tests/conftest.py).

@@ -21,7 +21,7 @@ from llmgrpc.v1 import llm_service_pb2 as pb
 from llmgrpc_server.domain import SizeCaps
 
 from tests.fresh_process import run_fresh
-from tests.server_process import MOE_MAX_TOKENIZE_CHARS, ServerProcess
+from tests.server_process import LIMITED_MAX_TOKENIZE_CHARS, ServerProcess
 
 pytestmark = pytest.mark.engine
 
@@ -187,17 +187,17 @@ async def test_the_old_stalls_are_refused_before_the_work(llama: ServerProcess) 
 
 
 async def test_a_tokenize_answer_too_large_to_send_is_refused_before_the_work(
-    moe: ServerProcess,
+    limited: ServerProcess,
 ) -> None:
     """With the default caps every Tokenize answer fits in 16 MiB; the shared
-    `moe` server allows 8 times the default characters. 262,144 emoji are
+    `limited` server allows 8 times the default characters. 262,144 emoji are
     within that, but 4 UTF-8 bytes each (a token or more each): the answer
     could pass --max-message-bytes, so it is refused before tokenizing, naming
     that flag. For chat input the engine checks the rendered template's
     text, before tokenizing it too."""
-    assert MOE_MAX_TOKENIZE_CHARS >= 262_144
+    assert LIMITED_MAX_TOKENIZE_CHARS >= 262_144
     emoji = "\U0001f600" * 262_144
-    async with AsyncClient(moe.target) as client:
+    async with AsyncClient(limited.target) as client:
         text = await _refused(client.tokenize(emoji, timeout=60))
         chat = await _refused(client.tokenize(messages=[("user", emoji)], timeout=60))
         # The same text in a size that fits is answered whole.

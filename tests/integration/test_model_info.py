@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
 from llmgrpc import Client
 from llmgrpc.v1 import llm_service_pb2 as pb
@@ -53,3 +54,23 @@ def test_mixtral_moe_facts_and_cli(moe: ServerProcess) -> None:
     out = subprocess.run([CLI, "info", "--target", moe.target], capture_output=True, text=True,
                          check=True).stdout  # fmt: skip
     assert "4 routed, 2 per token" in out and "active per token" in out
+
+
+def test_chat_on_the_base_model_is_failed_precondition(moe: ServerProcess) -> None:
+    """tiny-mixtral-moe is built as a base model, with no chat template."""
+    chat = [("user", "Hello")]
+    with Client(moe.target) as client:
+        assert client.model_info().capabilities.chat_template is False
+        calls = {
+            "Generate": lambda: client.generate(messages=chat, max_tokens=2),
+            "GenerateStream": lambda: list(client.stream(messages=chat, max_tokens=2)),
+            "Tokenize": lambda: client.tokenize(messages=chat),
+        }
+        for method, call in calls.items():
+            with pytest.raises(grpc.RpcError) as e:
+                call()
+            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION, method
+            assert "chat template" in (e.value.details() or ""), method
+        # Prompts are served as ever.
+        assert len(client.generate("Hello", max_tokens=2, ignore_eos=True).token_ids) == 2
+        assert client.tokenize("Hello").token_ids

@@ -1,7 +1,8 @@
 """Embedded models: tiny, real Hugging Face checkpoints built offline.
 
 Each is a genuine `transformers` checkpoint (config.json, safetensors weights,
-a byte-level BPE tokenizer with a chat template) with random weights, so that
+a byte-level BPE tokenizer, with a chat template unless the spec is a base
+model) with random weights, so that
 the whole serving path runs where no model hub can be reached. The build is
 deterministic: the same spec, torch and tokenizers versions give the same files.
 """
@@ -34,6 +35,9 @@ class ModelSpec:
     special_tokens: tuple[str, ...] = field(
         default=("<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
     )
+    # False: a base model's tokenizer, with no chat template (chat input is then
+    # FAILED_PRECONDITION).
+    chat_template: bool = True
 
     def fingerprint(self) -> str:
         blob = json.dumps(asdict(self), sort_keys=True).encode()
@@ -72,6 +76,8 @@ EMBEDDED: dict[str, ModelSpec] = {
                 "num_experts_per_tok": 2,
                 "sliding_window": None,
             },
+            # A base checkpoint, as MoE models are often served: no chat template.
+            chat_template=False,
         ),
     )
 }
@@ -151,7 +157,7 @@ def _build_tokenizer(spec: ModelSpec) -> Any:
         eos_token="</s>",
         pad_token="<pad>",
         additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
-        chat_template=(_HERE / "chat_template.jinja").read_text(),
+        chat_template=(_HERE / "chat_template.jinja").read_text() if spec.chat_template else None,
         model_max_length=spec.config["max_position_embeddings"],
         clean_up_tokenization_spaces=False,
     )
