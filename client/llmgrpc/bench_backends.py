@@ -229,8 +229,10 @@ def make_backend(
         return OpenAIBackend(url, model, timeout=timeout)
     if kind == "inprocess":
         try:
+            from llmgrpc_server.main import parse
             from llmgrpc_server.vllm_adapter.inprocess import InProcessBackend
         except ImportError as e:
             raise ValueError(f"the inprocess backend needs the server installed ({e})") from e
-        return InProcessBackend(["--model", model, *server_args])
+        _, engine_args = parse(["--model", model, *server_args])  # the server's own defaults
+        return InProcessBackend(engine_args)
     raise ValueError(f"unknown backend {kind!r}")

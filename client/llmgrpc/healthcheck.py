@@ -50,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
                    help='health service name ("" = process up)')  # fmt: skip
     p.add_argument("--timeout", type=float, default=3.0)
     tls = p.add_argument_group("TLS (each defaults to its LLMGRPC_HEALTHCHECK_* variable)")
-    tls.add_argument("--tls", action="store_true", default=_env("TLS") in {"1", "true", "yes"},
+    env_tls = (_env("TLS") or "").lower() in {"1", "true", "yes"}
+    tls.add_argument("--tls", action="store_true", default=env_tls,
                      help="use TLS with the system roots")  # fmt: skip
     tls.add_argument("--ca-cert", type=Path, default=_env("CA_CERT"),
                      help="PEM CA to verify the server (implies TLS)")  # fmt: skip

@@ -12,6 +12,7 @@ import json
 import math
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 from llmgrpc.v1 import llm_service_pb2 as pb
 
@@ -139,6 +140,23 @@ def to_tokenize_input(
     return msg.text, None, add_special
 
 
+# Objects and arrays inside each other in a JSON schema: real schemas stay far
+# below; the grammar compiler recurses over them (and json.loads raises
+# RecursionError, not ValueError, past about a thousand).
+MAX_JSON_SCHEMA_DEPTH = 64
+
+
+def _json_depth(value: dict[str, Any] | list[Any]) -> int:
+    """How deep objects and arrays nest in `value` (iterative: no recursion limit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        children = list(node.values()) if isinstance(node, dict) else node
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return deepest
+
+
 def to_detokenize_ids(msg: pb.DetokenizeRequest, limits: Limits) -> list[int]:
     """The ids to decode, refused before any work when there are more than
     --max-detokenize-tokens, their text might not be sendable, or one is
@@ -250,12 +268,18 @@ def to_structured_output(msg: pb.StructuredOutput, limits: Limits) -> domain.Str
         field, chars = f"structured_output.{kind}", len(getattr(msg, kind))
     _check_count(field, chars, "characters", cap, "--max-structured-output-chars")
     if kind == "json_schema":
+        field = "structured_output.json_schema"
         try:
             schema = json.loads(msg.json_schema)
+        except RecursionError as e:
+            raise InvalidArgument(field, f"nested over {MAX_JSON_SCHEMA_DEPTH} levels deep") from e
         except ValueError as e:
-            raise InvalidArgument("structured_output.json_schema", f"not valid JSON: {e}") from e
+            raise InvalidArgument(field, f"not valid JSON: {e}") from e
         if not isinstance(schema, dict):
-            raise InvalidArgument("structured_output.json_schema", "must be a JSON object")
+            raise InvalidArgument(field, "must be a JSON object")
+        if (depth := _json_depth(schema)) > MAX_JSON_SCHEMA_DEPTH:
+            limit = MAX_JSON_SCHEMA_DEPTH
+            raise InvalidArgument(field, f"nested {depth} levels deep, over {limit}")
         return domain.StructuredOutput(json_schema=schema)
     if kind == "choice":
         if not msg.choice.choices or any(not c for c in msg.choice.choices):

@@ -280,3 +280,29 @@ async def test_a_tokenize_answer_built_in_slices_is_whole() -> None:
         await srv.running.server.stop(grace=0)
     assert len(answer.token_ids) == len(answer.tokens) == len(answer.offsets) == n
     assert [(o.start, o.end) for o in answer.offsets] == [(i, i + 1) for i in range(n)]
+
+
+def _nested(depth: int) -> str:
+    """A JSON schema whose objects nest `depth` deep."""
+    return '{"a": ' * (depth - 1) + '{"type": "string"}' + "}" * (depth - 1)
+
+
+@pytest.mark.parametrize(
+    ("schema", "message"),
+    [(_nested(65), "nested 65 levels deep, over 64"),
+     # json.loads itself gives up (RecursionError, not ValueError): still bad input.
+     ("[" * 60_000, "nested over 64 levels deep")],
+)  # fmt: skip
+async def test_a_json_schema_nested_too_deep_is_invalid_argument(
+    schema: str, message: str
+) -> None:
+    srv = await _serve()
+    try:
+        async with AsyncClient(srv.target) as client:
+            assert (await client.generate("hi", max_tokens=1, json_schema=_nested(64))).token_ids
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await client.generate("hi", max_tokens=1, json_schema=schema)
+    finally:
+        await srv.running.server.stop(grace=0)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details() == f"structured_output.json_schema: {message}"

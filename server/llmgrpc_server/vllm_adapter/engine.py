@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import vllm
+from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.inputs import TokensPrompt
 from vllm.v1.engine.async_llm import AsyncLLM
@@ -112,47 +113,55 @@ class VllmEngine:
         _check_deadline(request)
         if self.is_dead:
             raise Unavailable("the engine has stopped; retry on another replica")
+        request_id = request.request_id
+        if request_id in self._in_flight:
+            raise AlreadyExists(f"request_id {request_id!r} is already in flight")
+        # Claimed before the prompt is tokenized: a duplicate costs no work.
+        self._in_flight.add(request_id)
+        try:
+            prompt_ids, params = await self._prepare(request)
+            stream = OutputStream(request_id, len(prompt_ids), arrival, request.sampling.logprobs)
+            try:
+                async for output in self._llm.generate(
+                    TokensPrompt(prompt_token_ids=prompt_ids), params, request_id
+                ):
+                    yield stream.delta(output)
+            except (asyncio.CancelledError, GeneratorExit):
+                # The caller went away (cancel, disconnect, deadline): free the
+                # request's KV cache now rather than when it would have finished.
+                await self._abort_quietly(request_id)
+                raise
+            except ServiceError:
+                # Ours, from outputs.py: a failed finish (the request is over) or
+                # outputs that do not add up (it may still run: free it).
+                await self._abort_quietly(request_id)
+                raise
+            except Exception as e:
+                await self._abort_quietly(request_id)  # a no-op if vLLM already ended it
+                # vLLM's own errors become ours (failures.VLLM_ERRORS); anything
+                # else goes on as is: INTERNAL, with the trace in the log.
+                failure = failures.translate(e)
+                if failure is e:
+                    raise
+                raise failure from e
+        finally:
+            self._in_flight.discard(request_id)
+
+    async def _prepare(self, request: domain.GenerationRequest) -> tuple[list[int], SamplingParams]:
+        """The prompt's token ids and vLLM's sampling parameters for `request`."""
         if _input_chars(request.prompt, request.chat) > policy.INLINE_TOKENIZE_CHARS:
             # About a second per MB: off the event loop, so one huge prompt
             # does not stall every other call and the health checks.
             prompt_ids = await asyncio.to_thread(self._prompt_ids, request)
         else:
             prompt_ids = self._prompt_ids(request)
+        others = len(self._in_flight) - 1  # in flight besides this request
         params = to_sampling_params(
             request, len(prompt_ids), self._limits,
-            policy.tokens_per_message(len(self._in_flight), self._max_tokens_per_message),
+            policy.tokens_per_message(others, self._max_tokens_per_message),
         )  # fmt: skip
         _check_deadline(request)  # preparing may have taken it past its deadline
-        request_id = request.request_id
-        if request_id in self._in_flight:
-            raise AlreadyExists(f"request_id {request_id!r} is already in flight")
-        self._in_flight.add(request_id)
-        stream = OutputStream(request_id, len(prompt_ids), arrival, request.sampling.logprobs)
-        try:
-            async for output in self._llm.generate(
-                TokensPrompt(prompt_token_ids=prompt_ids), params, request_id
-            ):
-                yield stream.delta(output)
-        except (asyncio.CancelledError, GeneratorExit):
-            # The caller went away (cancel, disconnect, deadline): free the
-            # request's KV cache now rather than when it would have finished.
-            await self._abort_quietly(request_id)
-            raise
-        except ServiceError:
-            # Ours, from outputs.py: a failed finish (the request is over) or
-            # outputs that do not add up (it may still run: free it).
-            await self._abort_quietly(request_id)
-            raise
-        except Exception as e:
-            await self._abort_quietly(request_id)  # a no-op if vLLM already ended it
-            # vLLM's own errors become ours (failures.VLLM_ERRORS); anything
-            # else goes on as is: INTERNAL, with the trace in the log.
-            failure = failures.translate(e)
-            if failure is e:
-                raise
-            raise failure from e
-        finally:
-            self._in_flight.discard(request_id)
+        return prompt_ids, params
 
     async def _abort_quietly(self, request_id: str) -> None:
         try:

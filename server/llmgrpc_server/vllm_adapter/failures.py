@@ -92,7 +92,11 @@ def translate(error: Exception) -> BaseException:
     for cls in type(error).__mro__:
         entry = VLLM_ERRORS.get(cls)
         if entry is not None:
-            return entry[1](error)
+            failure = entry[1](error)
+            if isinstance(failure, EngineFailed | Unavailable):
+                # The caller is told the log has the details: here they are.
+                log.error("vLLM failed a request: %s", failure.message, exc_info=error)
+            return failure
     return error
 
 

@@ -1,21 +1,22 @@
 """The in-process benchmark backend: AsyncLLM driven as llmgrpc-server drives it.
 
 `llmgrpc bench --backend inprocess` measures the limit a front end can reach:
-the same engine with no network and no gRPC. The engine is built from
-llmgrpc-server's own flags (`main.parse`: embedded-model defaults, KV cache
-size, served name), its settings are cached as the server caches them, and
-prompts are tokenized here and passed as ids, as the adapter does.
+the same engine with no network and no gRPC. The caller builds the
+engine's arguments with llmgrpc-server's own flag parsing (`main.parse`:
+embedded-model defaults, KV cache size, served name; llmgrpc.bench_backends
+does), its settings are cached as the server caches them, and prompts are
+tokenized here and passed as ids, as the adapter does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Sequence
 from typing import Any
 
 from llmgrpc.bench_backends import Lifecycle, Recorder, RequestResult
 from vllm import SamplingParams
+from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.inputs import TokensPrompt
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
@@ -26,17 +27,14 @@ from llmgrpc_server.vllm_adapter.settings import cache_vllm_settings
 class InProcessBackend(Lifecycle):
     """vLLM's AsyncLLM in this process, streaming DELTA outputs."""
 
-    def __init__(self, server_args: Sequence[str]):
+    def __init__(self, engine_args: AsyncEngineArgs):
         self.name = "inprocess"
-        self.server_args = list(server_args)
+        self.engine_args = engine_args
         self._llm: AsyncLLM | None = None
         self._tokenizer: Any = None
 
     async def start(self) -> None:
-        from llmgrpc_server import main
-
-        _, engine_args = main.parse(self.server_args)
-        self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, engine_args)
+        self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self.engine_args)
         cache_vllm_settings()
         self._tokenizer = self._llm.get_tokenizer()
 
