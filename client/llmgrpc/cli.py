@@ -4,6 +4,7 @@
     llmgrpc tokenize "Hello world"
     llmgrpc info
     llmgrpc health
+    llmgrpc chat --system "Be brief."
     llmgrpc plan llama-3.1-70b --gpu-memory-gib 80 --tp 2
 """
 
@@ -57,10 +58,23 @@ def _print_json(msg: Any) -> None:
     print(json.dumps(json_format.MessageToDict(msg, preserving_proto_field_name=True), indent=2))
 
 
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    """The sampling flags `generate` and `chat` share (generate adds --logprobs)."""
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--min-p", type=float)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--ignore-eos", action="store_true", default=None)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+
+
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     fields = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "logprobs",
               "ignore_eos", "repetition_penalty")  # fmt: skip
-    kw = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
+    kw = {f: v for f in fields if (v := getattr(args, f, None)) is not None}
     if args.stop:
         kw["stop"] = args.stop
     return kw
@@ -163,16 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     g.add_argument("--stream", action="store_true", help="print tokens as they arrive")
     g.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
-    g.add_argument("--max-tokens", type=int)
-    g.add_argument("--temperature", type=float)
-    g.add_argument("--top-p", type=float)
-    g.add_argument("--top-k", type=int)
-    g.add_argument("--min-p", type=float)
-    g.add_argument("--repetition-penalty", type=float)
-    g.add_argument("--seed", type=int)
+    _sampling_args(g)
     g.add_argument("--logprobs", type=int)
-    g.add_argument("--ignore-eos", action="store_true", default=None)
-    g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--json-schema", help="file with a JSON schema the output must follow")
     g.add_argument("--regex")
     g.add_argument("--choice", action="append")
@@ -198,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     _connection_args(h)
     h.set_defaults(func=cmd_health)
 
+    from llmgrpc import chat  # here, not at the top: chat imports this module's helpers
+
+    chat.add_parser(sub)
     try:
         from llmgrpc import plan
     except ImportError:  # pragma: no cover - plan ships with the package
