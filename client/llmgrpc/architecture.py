@@ -38,6 +38,7 @@ KV_DTYPE_BYTES: dict[str, int] = {
     "auto": 2,  # the model's dtype; the planner assumes a 16-bit model
     "bfloat16": 2,
     "float16": 2,
+    "float32": 4,  # vLLM's CPU backend keeps the KV cache in the model's dtype
     "fp8": 1,
     "fp8_e4m3": 1,
     "fp8_e5m2": 1,

@@ -33,6 +33,7 @@ __all__ = [
     "Plan",
     "UnsupportedArchitecture",
     "builtin_configs",
+    "embedded_kv_cache_bytes",
     "facts_from_config",
     "kv_dtype_bytes",
     "kv_heads_per_gpu",
@@ -165,6 +166,24 @@ def kv_heads_per_gpu(facts: ArchitectureFacts, num_gpus_tp: int) -> int:
     if num_gpus_tp % kv_heads:
         raise ValueError(f"TP {num_gpus_tp} is not a multiple of the {kv_heads} KV heads")
     return 1  # fewer KV heads than ranks: each is replicated on tp / kv_heads ranks
+
+
+# --- llmgrpc-server's embedded models ---------------------------------------------------------
+# Served with this context (unless --max-model-len) and a KV cache holding
+# this many full-context sequences (unless --kv-cache-memory-bytes), never
+# less than the floor; the server calls embedded_kv_cache_bytes itself.
+EMBEDDED_MODELS = ("smollm2-135m-instruct", "tiny-llama-gqa", "tiny-mixtral-moe")
+EMBEDDED_CONTEXT_LEN = 2048
+EMBEDDED_KV_SEQUENCES = 16
+EMBEDDED_KV_FLOOR_BYTES = 64 * 1024**2
+
+
+def embedded_kv_cache_bytes(
+    facts: ArchitectureFacts, context_len: int = EMBEDDED_CONTEXT_LEN, kv_dtype: str = "bfloat16"
+) -> int:
+    """The KV cache llmgrpc-server gives an embedded model."""
+    sequences = EMBEDDED_KV_SEQUENCES * facts.kv_cache_bytes(context_len, kv_dtype)
+    return max(sequences, EMBEDDED_KV_FLOOR_BYTES)
 
 
 # --- built-in and local configs ---------------------------------------------------------------

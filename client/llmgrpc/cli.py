@@ -153,6 +153,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("KV cache", f"{kv.num_blocks:,} blocks x {kv.block_size} = {kv.token_capacity:,} tokens"
                      + (f" (predicted {kv.predicted_token_capacity:,})"
                         if kv.predicted_token_capacity else "")),
+        ("full-context seqs", f"{kv.token_capacity // info.max_model_len:,} of "
+                              f"{info.max_model_len:,} tokens fit in the KV cache"
+         if info.max_model_len else "?"),
         ("vocab", str(info.vocab_size)),
         ("chat template", "yes" if info.capabilities.chat_template else "no"),
     ]  # fmt: skip

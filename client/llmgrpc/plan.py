@@ -56,7 +56,9 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """Print the plan; 0 when it was computed (fitting or not), 1 when it could not be."""
     try:
-        facts = capacity.facts_from_config(capacity.load_config(args.model))
+        config = capacity.load_config(args.model)
+        facts = capacity.facts_from_config(config)
+        embedded = _embedded(args, config, facts)
         result = capacity.plan(
             facts,
             gpu_memory_gib=args.gpu_memory_gib,
@@ -72,10 +74,46 @@ def run(args: argparse.Namespace) -> int:
         print(f"llmgrpc plan: {exc}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(to_json(args.model, facts, result), indent=2))
+        print(json.dumps(to_json(args.model, facts, result) | {"embedded": embedded}, indent=2))
     else:
         print(render(args.model, facts, result))
+        if embedded is not None:
+            print("\n".join(_embedded_section(embedded)))
     return 0
+
+
+def _embedded(
+    args: argparse.Namespace, config: dict[str, Any], facts: ArchitectureFacts
+) -> dict[str, Any] | None:
+    """What llmgrpc-server allocates for one of its embedded models on the CPU
+    (no --kv-cache-memory-bytes): the KV cache GetModelInfo then reports."""
+    if args.model not in capacity.EMBEDDED_MODELS:
+        return None
+    context = args.context_len or capacity.EMBEDDED_CONTEXT_LEN
+    kv_dtype = args.kv_dtype
+    if kv_dtype == "auto":  # the engine's: the model's dtype
+        kv_dtype = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
+    memory = capacity.embedded_kv_cache_bytes(facts, context, kv_dtype)
+    tokens = memory // facts.kv_cache_bytes_per_token(kv_dtype)
+    return {
+        "context_len": context,
+        "kv_dtype": kv_dtype,
+        "kv_cache_bytes": memory,
+        "kv_token_capacity": tokens,
+        "sequences": tokens // context,
+    }
+
+
+def _embedded_section(e: dict[str, Any]) -> list[str]:
+    return _section(
+        f"llmgrpc-server on the CPU (embedded model, KV {e['kv_dtype']}, context "
+        f"{e['context_len']:,})",
+        [
+            ("KV cache", f"{_size(e['kv_cache_bytes'])} ({e['kv_cache_bytes']:,} B)"),
+            ("KV token capacity", f"{e['kv_token_capacity']:,} tokens"),
+            ("full-context seqs", f"{e['sequences']:,}"),
+        ],
+    )
 
 
 def to_json(model: str, facts: ArchitectureFacts, result: Plan) -> dict[str, Any]:

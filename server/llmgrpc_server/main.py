@@ -12,6 +12,7 @@ failed (the error's trace is printed); 2 a bad flag (named);
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -27,11 +28,6 @@ from llmgrpc_server import cpu_placement, domain, models
 
 log = logging.getLogger("llmgrpc_server")
 PROC = Path("/proc")
-
-# The embedded models are tiny: a small KV cache is plenty, and vLLM's default
-# (a fraction of all memory, on the CPU backend) fails on small machines.
-EMBEDDED_KV_CACHE_BYTES = 64 * 1024 * 1024
-
 
 def parse(argv: list[str] | None) -> tuple[server_config.ServerConfig, Any]:
     from llmgrpc_server.vllm_adapter import settings as vllm_settings
@@ -49,12 +45,34 @@ def parse(argv: list[str] | None) -> tuple[server_config.ServerConfig, Any]:
         ns.model = models.resolve(name, config.models_dir)
         if not ns.served_model_name:
             ns.served_model_name = [name]
-        if ns.kv_cache_memory_bytes is None:
-            ns.kv_cache_memory_bytes = EMBEDDED_KV_CACHE_BYTES
+        _embedded_defaults(ns)
         vllm_settings.prefer_compact_json(ns)
     else:
         _check_local_model(ns.model)
     return config, vllm_settings.engine_args_from_cli(ns)
+
+
+def _embedded_defaults(ns: Any) -> None:
+    """An embedded model's context and KV cache, unless the flags set them.
+
+    vLLM's own KV default on the CPU backend (a fraction of all memory) fails
+    on small machines; the cache is sized from the model's own bytes per token
+    instead (`llmgrpc.capacity.embedded_kv_cache_bytes`, what `llmgrpc plan`
+    predicts), in the dtype the engine will use.
+    """
+    from llmgrpc import capacity
+
+    hf_config = json.loads((Path(ns.model) / "config.json").read_text())
+    if ns.max_model_len is None:
+        ns.max_model_len = capacity.EMBEDDED_CONTEXT_LEN
+    if ns.kv_cache_memory_bytes is None:
+        config_dtype = hf_config.get("dtype") or hf_config.get("torch_dtype", "bfloat16")
+        dtype = ns.dtype if ns.dtype != "auto" else config_dtype
+        kv_dtype = ns.kv_cache_dtype if ns.kv_cache_dtype != "auto" else dtype
+        facts = capacity.facts_from_config(hf_config)
+        ns.kv_cache_memory_bytes = capacity.embedded_kv_cache_bytes(
+            facts, ns.max_model_len, kv_dtype
+        )
 
 
 def _check_local_model(model: str) -> None:

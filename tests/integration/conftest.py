@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from llmgrpc_server import models
 
 from tests.server_process import SHARED, ServerProcess, engine_fixture, running
+from tests.smollm_reference import MODEL, Greedy, greedy_answers
 
 
 def _serve(name: str, request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
@@ -28,6 +31,20 @@ def moe(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
 @engine_fixture()
 def limited(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
     yield from _serve("limited", request)
+
+
+@pytest.fixture(scope="session")
+def smollm_reference() -> dict[str, Greedy]:
+    """transformers' answers, computed before the server below starts (its idle
+    engine would take the CPU)."""
+    return greedy_answers(Path(models.resolve(MODEL, models.default_models_dir())))
+
+
+@engine_fixture()
+def smollm(
+    smollm_reference: dict[str, Greedy], request: pytest.FixtureRequest
+) -> Iterator[ServerProcess]:
+    yield from _serve("smollm", request)
 
 
 @pytest.fixture(autouse=True)

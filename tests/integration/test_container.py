@@ -5,8 +5,9 @@ made by debootstrap (no image registry is reachable here). The container then
 gets the rendered cpu-tiny overlay's args, env and hardening (read-only root,
 no capabilities, no privilege escalation, uid 10001, tmpfs for the emptyDirs,
 a volume for the model-cache PVC, /dev/shm sized like the overlay), must turn
-SERVING through the image's own HEALTHCHECK, generate a token for a client on
-the host, export vLLM metrics, and exit cleanly on SIGTERM.
+SERVING through the image's own HEALTHCHECK, answer a question with the
+embedded default model (SmolLM2-135M-Instruct) for a client on the host,
+export vLLM metrics, and exit cleanly on SIGTERM.
 
 Runtime here (2 cores): ~5-10 min to build from scratch (debootstrap ~40 s,
 pip most of the rest; ~2 min when cached), under a minute from start to
@@ -156,13 +157,15 @@ def test_cpu_image_serves_like_cpu_tiny(podman_env: dict[str, str], image: str) 
         )
         assert health.returncode == 0, health.stdout + health.stderr
 
-        # 2. A generated token, for a client outside the container.
+        # 2. The embedded default model answers a question, for a client
+        #    outside the container (bfloat16, as the image serves it).
         gen = subprocess.run(
-            [str(BIN / "llmgrpc"), "generate", "Hello", "--max-tokens", "4", "--target", f"127.0.0.1:{grpc_port}"],
+            [str(BIN / "llmgrpc"), "generate", "--chat", "What is the capital of France?",
+             "--max-tokens", "16", "--temperature", "0", "--target", f"127.0.0.1:{grpc_port}"],
             capture_output=True, text=True, timeout=120, check=False,
         )
         logs = podman(podman_env, "logs", name, check=False)
-        assert gen.returncode == 0 and gen.stdout.strip(), (
+        assert gen.returncode == 0 and "Paris" in gen.stdout, (
             f"generate failed: {gen.stdout}{gen.stderr}\n{(logs.stdout + logs.stderr)[-8000:]}"
         )
 

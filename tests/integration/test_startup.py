@@ -31,7 +31,7 @@ STALLED_LOAD = "Loading safetensors checkpoint shards"  # vLLM's worker, opening
 @pytest.fixture
 def stalled_model(tmp_path: Path) -> Path:
     """The tiny model with its weights file replaced by a named pipe."""
-    source = Path(models.resolve(models.DEFAULT_MODEL, models.default_models_dir()))
+    source = Path(models.resolve("tiny-llama-gqa", models.default_models_dir()))
     model = tmp_path / "stalled-model"
     shutil.copytree(source, model)
     (model / "model.safetensors").unlink()

@@ -40,6 +40,9 @@ BUILTINS: dict[str, tuple[str, str, int, int, int, int, int, int, int]] = {
     "llama-2-7b": ("llama", "MHA", 32, 32, 128, 32, 6_738_415_616, 6_738_415_616, 524_288),
     "gpt2": ("gpt2", "MHA", 12, 12, 64, 12, 124_439_808, 124_439_808, 36_864),
     "tiny-llama-gqa": ("llama", "GQA", 4, 2, 64, 2, 1_443_072, 1_443_072, 1_024),
+    # the embedded default: 134,515,008 is what transformers counts on the
+    # converted checkpoint (tied embeddings once)
+    "smollm2-135m-instruct": ("llama", "GQA", 9, 3, 64, 30, 134_515_008, 134_515_008, 23_040),
     "tiny-mixtral-moe": ("mixtral", "GQA", 4, 2, 64, 2, 2_231_552, 1_445_120, 1_024),
 }
 

