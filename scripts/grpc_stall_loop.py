@@ -55,7 +55,7 @@ def main() -> None:
     opts = parser.parse_args()
     out = opts.out or Path(tempfile.mkdtemp(prefix="llmgrpc-stall-"))
     out.mkdir(parents=True, exist_ok=True)
-    server = launch(["--max-in-flight", str(MAX_IN_FLIGHT), "--max-num-seqs", "1", *opts.server_args], name="stall")
+    server = launch(["--model", "tiny-llama-gqa", "--max-in-flight", str(MAX_IN_FLIGHT), "--max-num-seqs", "1", *opts.server_args], name="stall")
     try:
         server.wait_serving()
         print(f"server {server.target}, log {server.log_path}; client stderr in {out}", flush=True)

@@ -42,7 +42,7 @@ def main() -> None:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     # A small KV cache (1 MiB = 1,024 tokens = 7 usable blocks of 128, so max-model-len 896) and prompts
     # longer than a block, so that preemptions and prefix-cache hits can happen.
-    server = launch(["--max-num-seqs", "4", "--kv-cache-memory-bytes", str(1 << 20),
+    server = launch(["--model", "tiny-llama-gqa", "--max-num-seqs", "4", "--kv-cache-memory-bytes", str(1 << 20),
                      "--max-model-len", "896"],
                     name="measure")  # fmt: skip
     try:

@@ -7,6 +7,7 @@ model can show working: chat turn markers, stop strings, JSON schema, choice.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -159,3 +160,21 @@ def test_plan_predicts_the_kv_cache_the_engine_allocates(smollm: ServerProcess) 
     assert info.kv_cache.token_capacity == embedded["kv_token_capacity"]
     assert info.kv_cache.memory_bytes == embedded["kv_cache_bytes"]
     assert info.kv_cache.token_capacity // info.max_model_len == embedded["sequences"] == 16
+
+
+def test_cli_chat_answers_and_keeps_the_history(smollm: ServerProcess) -> None:
+    """`llmgrpc chat`, as a new user tries it after `make serve`, driven through
+    stdin: two turns, the second answered with the first in its history."""
+    chat = subprocess.run(
+        [sys.executable, "-m", "llmgrpc.cli", "chat", "--target", smollm.target,
+         "--temperature", "0", "--max-tokens", "48", "--verbose"],
+        input="What is the capital of France?\nAnd what is the capital of Italy?\n",
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert chat.returncode == 0, chat.stderr
+    first, second, *_ = chat.stdout.splitlines()
+    assert first == "The capital of France is Paris."
+    assert "Rome" in second
+    # --verbose prints each turn's usage: the second prompt holds the first turn.
+    prompts = [int(n) for n in re.findall(r"(\d+) prompt tokens", chat.stderr)]
+    assert len(prompts) == 2 and prompts[1] > prompts[0] + 8, chat.stderr

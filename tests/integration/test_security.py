@@ -72,6 +72,7 @@ def secure(
     token_file = directory / "tokens"
     token_file.write_text("\n".join(TOKENS) + "\n")
     args = [
+        "--model", "tiny-llama-gqa",
         "--tls-cert", str(pki.server.cert), "--tls-key", str(pki.server.key),
         "--tls-client-ca", str(pki.ca.cert), "--auth-token-file", str(token_file),
         "--max-prompt-tokens", str(MAX_PROMPT_TOKENS),
