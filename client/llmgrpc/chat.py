@@ -5,7 +5,8 @@ Reads one user message a line from stdin, sends the whole conversation (the
 server renders with the model's chat template, and prints the reply as it
 streams. The prompt and the greeting appear only when stdin is a terminal, so
 piped input gives the replies alone on stdout, one a line. A reply is at most
---max-tokens tokens (default 256).
+--max-tokens tokens (default 256), sampled at --temperature 0.2 and --top-p 0.9
+unless given (what SmolLM2's authors suggest: a small model rambles at 1.0).
 
     /reset          forget the conversation (the --system message stays)
     /exit, /quit    end (so does Ctrl-D); Ctrl-C stops a reply, or ends at the prompt
@@ -23,13 +24,14 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from llmgrpc.cli import _client, _connection_args, _sampling, _sampling_args
+from llmgrpc.cli import _client, _connection_args, _model_arg, _sampling, _sampling_args
 from llmgrpc.client import Client
 from llmgrpc.v1 import llm_service_pb2 as pb
 
 PROMPT = "you> "
 START_DEADLINE_S = 5.0  # the first call's deadline: an unreachable server fails fast
 DEFAULT_MAX_TOKENS = 256
+DEFAULT_TEMPERATURE, DEFAULT_TOP_P = 0.2, 0.9
 Messages = list[tuple[str, str]]
 
 
@@ -40,8 +42,10 @@ def add_parser(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     p.add_argument("--system", help="a system message that starts the conversation")
+    _model_arg(p)
     _sampling_args(p)
-    p.set_defaults(max_tokens=DEFAULT_MAX_TOKENS)
+    p.set_defaults(max_tokens=DEFAULT_MAX_TOKENS, temperature=DEFAULT_TEMPERATURE,
+                   top_p=DEFAULT_TOP_P)
     p.add_argument("-v", "--verbose", action="store_true", help="print each reply's token usage")
     _connection_args(p)
     p.set_defaults(func=run)
@@ -64,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
                 return 1
             if interactive:
                 _line_editing()
-                _note(f"Chatting with {info.model_name}. /reset forgets the conversation, "
+                name = f"{args.model} on {info.model_name}" if args.model else info.model_name
+                _note(f"Chatting with {name}. /reset forgets the conversation, "
                       "/exit or Ctrl-D ends.")  # fmt: skip
             _converse(client, args, interactive)
     except KeyboardInterrupt:
@@ -77,7 +82,7 @@ def _converse(client: Client, args: argparse.Namespace, interactive: bool) -> No
     """The read-send-print loop, until EOF or /exit."""
     start: Messages = [("system", args.system)] if args.system else []
     history = list(start)
-    sampling = _sampling(args)
+    options = {**_sampling(args), "model": args.model}
     while (line := _read(interactive)) is not None:
         text = line.strip()
         if text in ("/exit", "/quit"):
@@ -87,7 +92,7 @@ def _converse(client: Client, args: argparse.Namespace, interactive: bool) -> No
             _note("(the conversation is forgotten)")
         elif text:
             turn: Messages = [("user", text)]
-            reply = _reply(client, history + turn, sampling, args.verbose)
+            reply = _reply(client, history + turn, options, args.verbose)
             if reply is not None:  # a failed or stopped turn is not kept
                 history += [*turn, ("assistant", reply)]
 
@@ -102,13 +107,15 @@ def _read(interactive: bool) -> str | None:
         return None
 
 
-def _reply(client: Client, messages: Messages, sampling: dict[str, Any], verbose: bool
+def _reply(client: Client, messages: Messages, options: dict[str, Any], verbose: bool
            ) -> str | None:  # fmt: skip
-    """Stream the answer to `messages` to stdout; its text, or None if it failed or was stopped."""
+    """Stream the answer to `messages` to stdout; its text, or None if it failed or was stopped.
+
+    `options`: the model and sampling keywords of `Client.stream`."""
     parts: list[str] = []
     final = None
     # Client.stream is a generator function; closing it cancels the call.
-    stream = cast(Generator[pb.GenerateResponse], client.stream(messages=messages, **sampling))
+    stream = cast(Generator[pb.GenerateResponse], client.stream(messages=messages, **options))
     try:
         with contextlib.closing(stream):  # on Ctrl-C too: the engine request is aborted
             for delta in stream:
