@@ -1,5 +1,5 @@
 """llmgrpc: a gRPC client for LLMs served by llmgrpc-server (no vLLM or torch needed)."""
 
-from llmgrpc.client import AsyncClient, Client, Security
+from llmgrpc.client import AdminClient, AsyncClient, Client, Security
 
-__all__ = ["AsyncClient", "Client", "Security"]
+__all__ = ["AdminClient", "AsyncClient", "Client", "Security"]

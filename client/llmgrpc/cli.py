@@ -1,10 +1,12 @@
 """`llmgrpc`: the command-line client.
 
     llmgrpc generate "Hello" --stream --max-tokens 32
+    llmgrpc generate "Hello" --model tiny-llama-gqa-lora-a
     llmgrpc tokenize "Hello world"
     llmgrpc info
     llmgrpc health
     llmgrpc chat --system "Be brief."
+    llmgrpc adapters list --token-file admin.token
     llmgrpc plan llama-3.1-70b --gpu-memory-gib 80 --tp 2
 """
 
@@ -45,13 +47,21 @@ def _token(path: Path | None) -> str | None:
     return lines[0]
 
 
-def _client(args: argparse.Namespace) -> Client:
-    token = _token(args.token_file)
-    security = Security(
+def _security(args: argparse.Namespace) -> Security:
+    return Security(
         ca_cert=args.ca_cert, client_cert=args.client_cert, client_key=args.client_key,
-        token=token, tls=args.tls, server_name=args.server_name,
+        token=_token(args.token_file), tls=args.tls, server_name=args.server_name,
     )  # fmt: skip
-    return Client(args.target, security=security, timeout=args.timeout)
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.target, security=_security(args), timeout=args.timeout)
+
+
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="", metavar="NAME",
+                   help="the served model or one of its LoRA adapters (llmgrpc info lists "
+                        "them); default: the served model")  # fmt: skip
 
 
 def _print_json(msg: Any) -> None:
@@ -88,6 +98,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         kw["regex"] = args.regex
     if args.choice:
         kw["choice"] = args.choice
+    kw["model"] = args.model
     if args.chat:
         kw["messages"] = [("user", args.prompt)]
         prompt = None
@@ -114,7 +125,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        resp = client.tokenize(args.text)
+        resp = client.tokenize(args.text, model=args.model)
     if args.json:
         _print_json(resp)
         return 0
@@ -158,11 +169,32 @@ def cmd_info(args: argparse.Namespace) -> int:
          if info.max_model_len else "?"),
         ("vocab", str(info.vocab_size)),
         ("chat template", "yes" if info.capabilities.chat_template else "no"),
+        *_lora_rows(info),
     ]  # fmt: skip
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     return 0
+
+
+def _lora_rows(info: pb.GetModelInfoResponse) -> list[tuple[str, str]]:
+    """The LoRA line, then one line per adapter."""
+    lora = info.lora
+    summary = "disabled"
+    if lora.enabled:
+        summary = (f"enabled: max_loras {lora.max_loras}, max_lora_rank {lora.max_lora_rank}, "
+                   f"max_cpu_loras {lora.max_cpu_loras}")  # fmt: skip
+    rows = [("lora", summary), *(("adapter", _adapter_line(a)) for a in info.adapters)]
+    if lora.enabled and not info.adapters:
+        rows.append(("adapter", "none"))
+    return rows
+
+
+def _adapter_line(a: pb.Adapter) -> str:
+    """One adapter: name, rank, target modules, loaded or not, where it came from."""
+    targets = ", ".join(a.target_modules) or "?"
+    return (f"{a.name}: rank {a.rank}, targets {targets}, loaded {'yes' if a.loaded else 'no'}, "
+            f"source {a.source or '?'}")  # fmt: skip
 
 
 def cmd_health(args: argparse.Namespace) -> int:
@@ -180,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     g.add_argument("--stream", action="store_true", help="print tokens as they arrive")
     g.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
+    _model_arg(g)
     _sampling_args(g)
     g.add_argument("--logprobs", type=int)
     g.add_argument("--json-schema", help="file with a JSON schema the output must follow")
@@ -193,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("tokenize", help="show token ids, strings and offsets")
     t.add_argument("text")
+    _model_arg(t)
     t.add_argument("--json", action="store_true")
     _connection_args(t)
     t.set_defaults(func=cmd_tokenize)
@@ -207,9 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     _connection_args(h)
     h.set_defaults(func=cmd_health)
 
-    from llmgrpc import chat  # here, not at the top: chat imports this module's helpers
+    # Here, not at the top: these import this module's helpers.
+    from llmgrpc import adapters_cli, chat
 
     chat.add_parser(sub)
+    adapters_cli.add_parser(sub)
     try:
         from llmgrpc import plan
     except ImportError:  # pragma: no cover - plan ships with the package

@@ -1,8 +1,11 @@
-"""Python clients for llmgrpc: `Client` (blocking) and `AsyncClient` (asyncio).
+"""Python clients for llmgrpc: `Client` (blocking) and `AsyncClient` (asyncio),
+and `AdminClient` (blocking) for the server's AdminService.
 
 Only grpcio and protobuf are needed (no vLLM, no torch). Both clients speak
 the same calls: `generate`, `stream` (yields deltas), `tokenize`,
-`detokenize`, `model_info` and `health`.
+`detokenize`, `model_info` and `health`; `model=` in generate, stream and
+tokenize names the base model or a LoRA adapter. `AdminClient` loads, unloads
+and lists LoRA adapters with an admin token.
 """
 
 from __future__ import annotations
@@ -10,11 +13,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from llmgrpc.v1 import admin_service_pb2 as admin_pb
+from llmgrpc.v1 import admin_service_pb2_grpc as admin_pb_grpc
 from llmgrpc.v1 import llm_service_pb2 as pb
 from llmgrpc.v1 import llm_service_pb2_grpc as pb_grpc
 
@@ -139,8 +144,8 @@ def tokenize_request(
     return req
 
 
-class Client:
-    """Blocking client. Use as a context manager or call `close()`."""
+class _BlockingChannel:
+    """A blocking channel, its security and default deadline; a context manager."""
 
     def __init__(
         self,
@@ -156,11 +161,9 @@ class Client:
             self.channel = grpc.secure_channel(target, self.security.channel_credentials(), opts)
         else:
             self.channel = grpc.insecure_channel(target, opts)
-        self.stub = pb_grpc.LLMServiceStub(self.channel)
-        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.timeout = timeout
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -171,6 +174,22 @@ class Client:
 
     def _kw(self, timeout: float | None) -> dict[str, Any]:
         return {"timeout": timeout or self.timeout, "metadata": self.security.metadata()}
+
+
+class Client(_BlockingChannel):
+    """Blocking client. Use as a context manager or call `close()`."""
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        security: Security | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+        timeout: float | None = None,
+    ) -> None:
+        super().__init__(target, security=security, options=options, timeout=timeout)
+        self.stub = pb_grpc.LLMServiceStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
     def generate(self, prompt: str | None = None, *, timeout: float | None = None, **kw: Any
                  ) -> pb.GenerateResponse:  # fmt: skip
@@ -214,6 +233,39 @@ class Client:
         ):
             if resp.status == health_pb2.HealthCheckResponse.SERVING:
                 return
+
+
+class AdminClient(_BlockingChannel):
+    """Blocking client of the server's AdminService: LoRA adapters without a restart.
+
+    `security.token` must be an admin token (a line of the server's
+    --admin-token-file); a serving token is PERMISSION_DENIED. A server started
+    without --admin-token-file answers UNIMPLEMENTED.
+    """
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        security: Security | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+        timeout: float | None = None,
+    ) -> None:
+        super().__init__(target, security=security, options=options, timeout=timeout)
+        self.stub = admin_pb_grpc.AdminServiceStub(self.channel)
+
+    def load_adapter(self, name: str, path: str, *, timeout: float | None = None
+                     ) -> admin_pb.LoadAdapterResponse:  # fmt: skip
+        """Load adapter `name` from `path`, relative to the server's --adapter-dir."""
+        req = admin_pb.LoadAdapterRequest(name=name, path=path)
+        return self.stub.LoadAdapter(req, **self._kw(timeout))
+
+    def unload_adapter(self, name: str, *, timeout: float | None = None) -> None:
+        self.stub.UnloadAdapter(admin_pb.UnloadAdapterRequest(name=name), **self._kw(timeout))
+
+    def list_adapters(self, *, timeout: float | None = None) -> list[pb.Adapter]:
+        resp = self.stub.ListAdapters(admin_pb.ListAdaptersRequest(), **self._kw(timeout))
+        return list(resp.adapters)
 
 
 class AsyncClient:
