@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import pathlib
 import re
 import shlex
@@ -151,15 +152,21 @@ def test_vendored_crd_schemas_cover_the_custom_kinds() -> None:
     assert set(CRD_VALIDATORS) == CRD_KINDS
 
 
-def test_every_rendered_object_validates(rendered: dict[str, list[dict[str, Any]]], overlay: str) -> None:
+def schema_errors(objs: list[dict[str, Any]]) -> list[str]:
+    """One line per object that fails validate(), naming the object and the field."""
     errors = []
-    for obj in rendered[overlay]:
+    for obj in objs:
         try:
             validate(obj)
         except (jsonschema.ValidationError, kubernetes_validate.utils.SchemaNotFoundError) as exc:
             message = getattr(exc, "message", str(exc))
             path = ".".join(str(p) for p in getattr(exc, "path", []))
             errors.append(f"{obj['kind']}/{obj['metadata']['name']}: {path}: {message}")
+    return errors
+
+
+def test_every_rendered_object_validates(rendered: dict[str, list[dict[str, Any]]], overlay: str) -> None:
+    errors = schema_errors(rendered[overlay])
     assert not errors, "\n".join(errors)
 
 
@@ -555,6 +562,155 @@ def test_monitoring_objects(rendered: dict[str, list[dict[str, Any]]], gpu_overl
     assert len(dashboards) == 1
     (body,) = dashboards[0]["data"].values()
     assert json.loads(body) == json.loads((ROOT / "deploy" / "grafana" / "llmgrpc.json").read_text())
+
+
+# --------------------------------------------------------------------------- LoRA adapters
+
+LORA = K8S / "components" / "lora-adapters"
+ADAPTERS_PVC = "llmgrpc-adapters"
+ADMIN_SECRET = "llmgrpc-admin-token"
+# What the component appends to each overlay's server args, in order.
+LORA_ARGS = [
+    "--lora-modules", "support-bot=/adapters/support-bot", "sql-helper=/adapters/sql-helper",
+    "--max-loras=4", "--max-cpu-loras=16", "--max-lora-rank=16",
+    "--adapter-dir=/adapters", "--admin-token-file=/var/run/llmgrpc-admin/tokens",
+]
+
+
+def _kustomization(
+    directory: pathlib.Path,
+    *,
+    resources: list[pathlib.Path],
+    components: list[pathlib.Path],
+    patches: tuple[str, ...] = (),
+) -> pathlib.Path:
+    """A kustomization in `directory` (kustomize takes only relative paths to the repo's)."""
+    doc: dict[str, Any] = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "namespace": "llmgrpc",
+        "resources": [os.path.relpath(p, directory) for p in resources],
+        "components": [os.path.relpath(p, directory) for p in components],
+    }
+    if patches:
+        doc["patches"] = [{"path": p} for p in patches]
+    (directory / "kustomization.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def with_lora(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
+    """Each overlay with the component stacked on it, as docs/deploy.md says to."""
+    stacked = {}
+    for name in OVERLAYS:
+        directory = tmp_path_factory.mktemp(f"lora-{name}")
+        stacked[name] = render(_kustomization(directory, resources=[K8S / "overlays" / name], components=[LORA]))
+    return stacked
+
+
+def _values(args: list[str], name: str) -> list[str]:
+    """The values of a flag that takes several (argparse nargs="+"): up to the next flag."""
+    assert args.count(name) == 1, f"{name} given {args.count(name)} times: argparse keeps only the last"
+    values = []
+    for arg in args[args.index(name) + 1:]:
+        if arg.startswith("-"):
+            break
+        values.append(arg)
+    return values
+
+
+def _mount_holding(objs: list[dict[str, Any]], path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The server's volume mount that `path` is under, and its volume."""
+    mounts = [
+        m for m in server(objs).get("volumeMounts", [])
+        if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")
+    ]
+    assert len(mounts) == 1, f"{path} is under {len(mounts)} mounts of the server"
+    volume = next(v for v in pod_spec(objs)["volumes"] if v["name"] == mounts[0]["name"])
+    return mounts[0], volume
+
+
+def test_lora_component_validates(with_lora: dict[str, list[dict[str, Any]]], overlay: str) -> None:
+    objs = with_lora[overlay]
+    errors = schema_errors(objs)
+    assert not errors, "\n".join(errors)
+    assert {o["metadata"].get("namespace") for o in objs if o["kind"] != "Namespace"} == {"llmgrpc"}
+    for volume in pod_spec(objs)["volumes"]:
+        assert set(volume) - {"name"} <= RESTRICTED_VOLUME_TYPES, f"volume {volume['name']}"
+
+
+def test_lora_args_add_to_the_overlay_args(
+    rendered: dict[str, list[dict[str, Any]]], with_lora: dict[str, list[dict[str, Any]]], overlay: str
+) -> None:
+    """The overlay's own args (model, ports, drain) stay, the LoRA flags follow."""
+    own = server(rendered[overlay])["args"]
+    assert "--lora-modules" not in own
+    assert server(with_lora[overlay])["args"] == [*own, *LORA_ARGS]
+
+
+def test_lora_flags_agree(with_lora: dict[str, list[dict[str, Any]]], overlay: str) -> None:
+    objs = with_lora[overlay]
+    args = expanded_args(objs, server(objs))
+    modules = dict(m.split("=", 1) for m in _values(args, "--lora-modules"))
+    assert modules == {"support-bot": "/adapters/support-bot", "sql-helper": "/adapters/sql-helper"}
+    adapter_dir = flag(args, "--adapter-dir")
+    assert adapter_dir
+    assert {str(pathlib.PurePosixPath(p).parent) for p in modules.values()} == {adapter_dir}
+    # vLLM refuses a host cache smaller than the batch's adapter slots.
+    assert int(flag(args, "--max-cpu-loras") or 0) >= int(flag(args, "--max-loras") or 0) > 0
+    assert flag(args, "--max-lora-rank") == "16"
+
+
+def test_lora_adapters_volume_is_read_only(with_lora: dict[str, list[dict[str, Any]]], overlay: str) -> None:
+    objs = with_lora[overlay]
+    adapter_dir = flag(expanded_args(objs, server(objs)), "--adapter-dir")
+    assert adapter_dir
+    mount, volume = _mount_holding(objs, adapter_dir)
+    assert mount["mountPath"] == adapter_dir and mount.get("readOnly") is True
+    assert volume["persistentVolumeClaim"] == {"claimName": ADAPTERS_PVC, "readOnly": True}
+    pvc = next(p for p in of_kind(objs, "PersistentVolumeClaim") if p["metadata"]["name"] == ADAPTERS_PVC)
+    # Replicas on several nodes and the pod that copies adapters in share it.
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_lora_admin_tokens_are_a_read_only_secret_file(
+    with_lora: dict[str, list[dict[str, Any]]], overlay: str
+) -> None:
+    objs = with_lora[overlay]
+    c = server(objs)
+    token_file = flag(expanded_args(objs, c), "--admin-token-file")
+    assert token_file
+    mount, volume = _mount_holding(objs, token_file)
+    assert mount.get("readOnly") is True
+    assert "subPath" not in mount, "a subPath mount never sees an updated Secret"
+    secret = volume["secret"]
+    assert secret["secretName"] == ADMIN_SECRET
+    assert secret.get("optional", False) is False, "a missing Secret should hold the pod, naming it"
+    in_mount = token_file[len(mount["mountPath"].rstrip("/")) + 1:]
+    assert {i["path"]: i["key"] for i in secret.get("items", [])} == {in_mount: "tokens"}
+    assert secret.get("defaultMode", 0o644) & 0o007 == 0, "other users can read the admin tokens"
+    # Only its path is in the pod spec: no env var (so no $(VAR) in args) carries
+    # the Secret, and no Secret object is rendered (values are never committed).
+    env_refs = [e["name"] for e in c.get("env", []) if e.get("valueFrom", {}).get("secretKeyRef", {}).get("name") == ADMIN_SECRET]
+    env_refs += [str(e) for e in c.get("envFrom", []) if e.get("secretRef", {}).get("name") == ADMIN_SECRET]
+    assert not env_refs
+    assert not of_kind(objs, "Secret")
+
+
+def test_lora_component_inside_an_overlay_loses_its_args(
+    rendered: dict[str, list[dict[str, Any]]], tmp_path: pathlib.Path
+) -> None:
+    """Why it is stacked on an overlay and not listed in the overlay's components:
+    kustomize runs an overlay's own patches after its components, and the
+    overlays' strategic-merge patches replace the whole args list."""
+    shutil.copy(K8S / "overlays" / "cpu-tiny" / "deployment-patch.yaml", tmp_path)
+    directory = _kustomization(
+        tmp_path, resources=[K8S / "base"], components=[LORA], patches=("deployment-patch.yaml",)
+    )
+    objs = render(directory)
+    assert server(objs)["args"] == server(rendered["cpu-tiny"])["args"]
+    # The mounts (merged by key, not replaced) survive; the flags do not.
+    assert {m["mountPath"] for m in server(objs)["volumeMounts"]} >= {"/adapters", "/var/run/llmgrpc-admin"}
 
 
 # --------------------------------------------------------------------------- Dockerfile
