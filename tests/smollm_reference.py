@@ -8,8 +8,10 @@ service's chat handling, tokenization, sampling or detokenization shows.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 MODEL = "smollm2-135m-instruct"
 MAX_TOKENS = 32
@@ -52,14 +54,23 @@ def greedy_answers(model_dir: Path) -> dict[str, Greedy]:
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    prompts = [(p, True) for p in CHAT_PROMPTS] + [(p, False) for p in TEXT_PROMPTS]
+    return greedy(model, tokenizer, prompts, MAX_TOKENS)
+
+
+def greedy(
+    model: Any, tokenizer: Any, prompts: Iterable[tuple[str, bool]], max_tokens: int
+) -> dict[str, Greedy]:
+    """Prompt -> the model's greedy continuation; `prompts` are (text, chat) pairs."""
+    import torch
+
     eos = tokenizer.eos_token_id
     answers = {}
-    prompts = [(p, True) for p in CHAT_PROMPTS] + [(p, False) for p in TEXT_PROMPTS]
     with torch.inference_mode():
         for prompt, chat in prompts:
             ids = prompt_ids(tokenizer, prompt, chat)
             out = model.generate(
-                torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False,
+                torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False,
                 output_logits=True, return_dict_in_generate=True,
                 eos_token_id=eos, pad_token_id=eos,
             )  # fmt: skip

@@ -6,6 +6,8 @@
 - `tiny-llama-gqa`, `tiny-mixtral-moe`: tiny checkpoints with random weights
   and a byte-level BPE tokenizer (with a chat template unless the spec is a
   base model), 20x faster, for load, fault and benchmark tests.
+- LoRA adapters on them, `<base>-lora-a` and `<base>-lora-b`, in PEFT's format
+  (`adapters`; `resolve_adapter`).
 
 Each is a genuine `transformers` checkpoint, so the whole serving path runs
 where no model hub can be reached. Builds are deterministic: the same spec,
@@ -20,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,20 +160,39 @@ def resolve(model: str, models_dir: Path) -> str:
     return str(ensure_built(spec, models_dir))
 
 
+def resolve_adapter(name: str, models_dir: Path) -> Path:
+    """Map an embedded LoRA adapter's name (adapters.ADAPTERS) to its directory,
+    building it, and its base model, if needed."""
+    from llmgrpc_server.models.adapters import ADAPTERS
+
+    spec = ADAPTERS.get(name)
+    if spec is None:
+        raise ValueError(f"{name!r} is not an embedded adapter (one of {sorted(ADAPTERS)})")
+    return _build_once(
+        spec.name, spec.fingerprint(), lambda out: spec.build(out, models_dir), models_dir
+    )
+
+
 def ensure_built(spec: ModelSpec | ConvertedSpec, models_dir: Path) -> Path:
-    target = models_dir / spec.name
+    return _build_once(spec.name, spec.fingerprint(), spec.build, models_dir)
+
+
+def _build_once(
+    name: str, fingerprint: str, build: Callable[[Path], None], models_dir: Path
+) -> Path:
+    """models_dir/name, filled by `build` unless its marker has this fingerprint."""
+    target = models_dir / name
     marker = target / _MARKER
-    fingerprint = spec.fingerprint()
     if marker.exists() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
         return target
     models_dir.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename into place, so that concurrent
     # builders (parallel test sessions) never see a half-written model.
-    staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=models_dir))
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=models_dir))
     staging.chmod(0o755)
     try:
-        spec.build(staging)
-        (staging / _MARKER).write_text(json.dumps({"fingerprint": fingerprint, "name": spec.name}))
+        build(staging)
+        (staging / _MARKER).write_text(json.dumps({"fingerprint": fingerprint, "name": name}))
         if target.exists():
             shutil.rmtree(target, ignore_errors=True)
         try:
@@ -254,12 +276,17 @@ def default_models_dir() -> Path:
 
 
 def main() -> None:
-    """`python -m llmgrpc_server.models [DIR]`: build every embedded model."""
+    """`python -m llmgrpc_server.models [DIR]`: build every embedded model, then
+    every embedded LoRA adapter."""
     import sys
+
+    from llmgrpc_server.models.adapters import ADAPTERS
 
     models_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else default_models_dir()
     for spec in EMBEDDED.values():
         print(f"{spec.name}: {ensure_built(spec, models_dir)}")
+    for name in ADAPTERS:
+        print(f"{name}: {resolve_adapter(name, models_dir)}")
 
 
 if __name__ == "__main__":
