@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from llmgrpc_server import domain
+from llmgrpc_server.adapters import Registry
 from llmgrpc_server.domain import Limits
 from llmgrpc_server.errors import DeadlineExceeded, PromptTooLong
 
@@ -22,6 +23,7 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.fail_with: BaseException | None = None
         self.dead = False
+        self.adapters = Registry(self._limits.model_names, enabled=False)
 
     @property
     def limits(self) -> Limits:
@@ -50,6 +52,9 @@ class FakeEngine:
             has_chat_template=True, max_logprobs=20,
         )  # fmt: skip
 
+    def check_model(self, adapter: str | None) -> None:
+        self.adapters.lookup(adapter)
+
     def _ids(self, request: domain.GenerationRequest) -> list[int]:
         if request.prompt_token_ids is not None:
             return list(request.prompt_token_ids)
@@ -62,6 +67,7 @@ class FakeEngine:
     async def generate(self, request: domain.GenerationRequest) -> AsyncIterator[domain.Delta]:
         if request.deadline is not None and asyncio.get_running_loop().time() < 0:
             raise DeadlineExceeded("never")
+        self.check_model(request.adapter)
         ids = self._ids(request)
         if len(ids) >= self._limits.max_model_len:
             raise PromptTooLong("prompt", self._limits.max_model_len - 1, len(ids))

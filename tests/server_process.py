@@ -68,6 +68,14 @@ LLAMA_DRAIN_TIMEOUT = 60
 LIMITED_MAX_IN_FLIGHT = 64
 LIMITED_DRAIN_TIMEOUT = 2.0
 LIMITED_MAX_TOKENIZE_CHARS = 1_048_576
+# AdminService on the smollm server: its token, and the directory adapters load
+# from (tests/integration/test_lora.py copies adapters into it).
+_ADMIN = Path(tempfile.mkdtemp(prefix="llmgrpc-admin-"))
+ADMIN_TOKEN = "admin-token-for-tests"
+ADMIN_TOKEN_FILE = _ADMIN / "admin-tokens"
+ADMIN_TOKEN_FILE.write_text(ADMIN_TOKEN + "\n")
+ADAPTER_DIR = _ADMIN / "adapters"
+ADAPTER_DIR.mkdir()
 SHARED: dict[str, list[str]] = {
     "llama": ["--model", "tiny-llama-gqa",
               "--max-in-flight", str(LLAMA_MAX_IN_FLIGHT),
@@ -86,7 +94,13 @@ SHARED: dict[str, list[str]] = {
     # The embedded default model in float32, where its greedy tokens must equal
     # transformers' (tests/integration/test_real_text.py); eager, as the cpu
     # image runs it, to start in seconds.
-    "smollm": ["--model", "smollm2-135m-instruct", "--dtype", "float32", "--enforce-eager"],
+    # With the default model's two demo LoRA adapters and one adapter slot, so
+    # that requests naming both rotate them (tests/integration/test_lora.py).
+    "smollm": ["--model", "smollm2-135m-instruct", "--dtype", "float32", "--enforce-eager",
+               "--lora-modules", *(f"smollm2-135m-instruct-lora-{x}=smollm2-135m-instruct-lora-{x}"
+                                   for x in "ab"),
+               "--max-loras", "1",
+               "--admin-token-file", str(ADMIN_TOKEN_FILE), "--adapter-dir", str(ADAPTER_DIR)],
 }  # fmt: skip
 # Fixtures that start or hold a real engine server; tests using one must be
 # marked `engine` (checked at collection by tests/conftest.py).

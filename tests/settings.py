@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 # test_load.py: seconds of mixed traffic while memory and fds are sampled.
-SOAK_SECONDS = float(os.environ.get("LLMGRPC_SOAK_SECONDS", "60"))
+SOAK_SECONDS = float(os.environ.get("LLMGRPC_SOAK_SECONDS", "30"))
 # test_fuzz.py: hypothesis examples of 8 calls each.
 FUZZ_EXAMPLES = int(os.environ.get("LLMGRPC_FUZZ_EXAMPLES", "300"))
 # An engine server's start, model load included.

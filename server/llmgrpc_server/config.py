@@ -83,6 +83,11 @@ class ServerConfig:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     auth_tokens: tuple[str, ...] = ()
+    # LoRA adapters loaded at startup: (name, directory), built-in names resolved.
+    lora_modules: tuple[tuple[str, str], ...] = ()
+    # AdminService: on with tokens of its own; adapters load from under adapter_dir.
+    admin_tokens: tuple[str, ...] = ()
+    adapter_dir: Path | None = None
     service_version: str = field(default_factory=service_version)
 
     def __post_init__(self) -> None:
@@ -185,6 +190,21 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         "--auth-token-file", type=Path,
         help="bearer tokens, one per line; calls without one get UNAUTHENTICATED",
     )  # fmt: skip
+    g.add_argument(
+        "--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
+        help="LoRA adapters to serve, by the name requests put in `model` (vLLM's syntax: "
+        "NAME=PATH or JSON {\"name\": ..., \"path\": ...}); PATH may be a built-in adapter's "
+        "name; turns on --enable-lora",
+    )  # fmt: skip
+    g.add_argument(
+        "--admin-token-file", type=Path,
+        help="turn on AdminService (adapters loaded and unloaded at run time) for these "
+        "bearer tokens, one per line; serving tokens cannot call it",
+    )  # fmt: skip
+    g.add_argument(
+        "--adapter-dir", type=Path,
+        help="AdminService.LoadAdapter loads only from directories under this one",
+    )  # fmt: skip
 
 
 def from_namespace(ns: argparse.Namespace) -> ServerConfig:
@@ -206,6 +226,8 @@ def from_namespace(ns: argparse.Namespace) -> ServerConfig:
         tls_key=ns.tls_key,
         tls_client_ca=ns.tls_client_ca,
         auth_tokens=read_tokens(ns.auth_token_file) if ns.auth_token_file else (),
+        admin_tokens=read_tokens(ns.admin_token_file) if ns.admin_token_file else (),
+        adapter_dir=ns.adapter_dir,
     )
 
 

@@ -18,7 +18,7 @@ from llmgrpc.v1 import llm_service_pb2 as pb
 
 from llmgrpc_server import domain
 from llmgrpc_server.domain import Limits, check_prompt_length
-from llmgrpc_server.errors import FailedPrecondition, InvalidArgument, NotFound
+from llmgrpc_server.errors import FailedPrecondition, InvalidArgument
 
 # Roles are names ("system", "user", "tool"...); a longer one is a mistake.
 MAX_ROLE_CHARS = 64
@@ -26,20 +26,19 @@ MAX_ROLE_CHARS = 64
 # --- requests -----------------------------------------------------------------
 
 
-def check_model(name: str, limits: Limits) -> None:
-    """NotFound unless `name` is empty or one of the served model names."""
+def requested_adapter(name: str, limits: Limits) -> str | None:
+    """The adapter `model` names: None for the base model (empty or one of its
+    names); any other name goes to the engine's adapters, which know them all."""
     if len(name) > limits.max_request_id_len:  # the NOT_FOUND message would echo it
         raise InvalidArgument("model", f"at most {limits.max_request_id_len} characters")
-    if name and name not in limits.model_names:
-        served = ", ".join(repr(n) for n in limits.model_names) or "no named model"
-        raise NotFound(f"model {name!r} is not served here; this server serves {served}")
+    return name if name and name not in limits.model_names else None
 
 
 def to_generation_request(
     msg: pb.GenerateRequest, limits: Limits, deadline: float | None = None,
     received: float | None = None,
 ) -> domain.GenerationRequest:
-    check_model(msg.model, limits)
+    adapter = requested_adapter(msg.model, limits)
     if len(msg.request_id) > limits.max_request_id_len:
         raise InvalidArgument(
             "request_id",
@@ -57,6 +56,7 @@ def to_generation_request(
         else None,
         deadline=deadline,
         received=received,
+        adapter=adapter,
     )
 
 
@@ -124,7 +124,6 @@ def to_tokenize_input(
 
     Refused before any work when the input is over --max-tokenize-chars or its
     answer could not be sent (the engine checks a chat's rendered text again)."""
-    check_model(msg.model, limits)
     kind = msg.WhichOneof("input")
     if kind is None:
         raise InvalidArgument("input", "one of text or chat is required")

@@ -78,6 +78,8 @@ class GenerationRequest:
     deadline: float | None = None
     # time.monotonic() when the server received the request: TTFT counts from here.
     received: float | None = None
+    # The LoRA adapter the request names in `model` (None: the base model).
+    adapter: str | None = None
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,24 @@ class KvCacheInfo:
 
 
 @dataclass(frozen=True)
+class LoraSupport:
+    enabled: bool = False
+    max_loras: int = 0
+    max_lora_rank: int = 0
+    max_cpu_loras: int = 0
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    name: str
+    base_model: str
+    rank: int
+    target_modules: tuple[str, ...]
+    loaded: bool
+    source: str
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     model_name: str
     model_path: str
@@ -165,6 +185,8 @@ class ModelInfo:
     hf_config: dict[str, object]
     has_chat_template: bool
     max_logprobs: int
+    lora: LoraSupport = field(default_factory=LoraSupport)
+    adapters: tuple[AdapterInfo, ...] = ()
 
 
 # --- limits -------------------------------------------------------------------

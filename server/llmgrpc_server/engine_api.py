@@ -7,6 +7,7 @@ small fake. Nothing here imports vLLM.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Protocol
 
 from llmgrpc_server import domain
@@ -22,7 +23,21 @@ class Engine(Protocol):
         """True once the engine cannot serve again (the process must restart)."""
         ...
 
-    def model_info(self) -> domain.ModelInfo: ...
+    def model_info(self) -> domain.ModelInfo:
+        """The model's facts, its LoRA settings and adapters."""
+        ...
+
+    async def load_adapter(self, name: str, path: Path) -> tuple[domain.AdapterInfo, bool]:
+        """Register and load a LoRA adapter: (its facts, whether it was already loaded)."""
+        ...
+
+    async def unload_adapter(self, name: str) -> None:
+        """New requests naming it are NOT_FOUND; running ones finish with it."""
+        ...
+
+    def check_model(self, adapter: str | None) -> None:
+        """NotFound (or FailedPrecondition without LoRA) unless None or a served adapter."""
+        ...
 
     def generate(self, request: domain.GenerationRequest) -> AsyncIterator[domain.Delta]:
         """Stream deltas. Cancelling the iteration aborts the engine request."""

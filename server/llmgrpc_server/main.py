@@ -12,6 +12,7 @@ failed (the error's trace is printed); 2 a bad flag (named);
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -40,6 +41,8 @@ def parse(argv: list[str] | None) -> tuple[server_config.ServerConfig, Any]:
     parser.set_defaults(model=models.DEFAULT_MODEL)
     ns = parser.parse_args(argv)
     config = server_config.from_namespace(ns)
+    if ns.lora_modules:
+        config = _with_lora_modules(config, ns)
     if ns.model in models.EMBEDDED:
         name = ns.model
         ns.model = models.resolve(name, config.models_dir)
@@ -50,6 +53,23 @@ def parse(argv: list[str] | None) -> tuple[server_config.ServerConfig, Any]:
     else:
         _check_local_model(ns.model)
     return config, vllm_settings.engine_args_from_cli(ns)
+
+
+def _with_lora_modules(config: server_config.ServerConfig, ns: Any) -> server_config.ServerConfig:
+    """--lora-modules, built-in adapter names resolved (and built); LoRA on."""
+    from llmgrpc_server.adapters import parse_lora_modules
+    from llmgrpc_server.models.adapters import ADAPTERS
+
+    modules = []
+    for name, given in parse_lora_modules(ns.lora_modules):
+        path = given
+        if given in ADAPTERS:
+            path = str(models.resolve_adapter(given, config.models_dir))
+        elif not Path(given).is_dir():
+            raise ValueError(f"--lora-modules {name}={given}: no such directory")
+        modules.append((name, path))
+    ns.enable_lora = True
+    return dataclasses.replace(config, lora_modules=tuple(modules))
 
 
 def _embedded_defaults(ns: Any) -> None:
@@ -82,6 +102,12 @@ def _check_local_model(model: str) -> None:
         raise ValueError(f"--model {model}: no such file or directory")
 
 
+def builtin_adapter_names() -> frozenset[str]:
+    from llmgrpc_server.models.adapters import ADAPTERS
+
+    return frozenset(ADAPTERS)
+
+
 def served_name(engine_args: Any) -> str:
     return domain.served_names(engine_args.served_model_name, str(engine_args.model))[0]
 
@@ -110,6 +136,8 @@ async def run(config: server_config.ServerConfig, engine_args: Any) -> int:
             max_tokens_per_message=config.max_tokens_per_message,
             pin_front_end=config.pin_front_end,
             size_caps=config.size_caps(),
+            lora_modules=config.lora_modules,
+            known_adapters=builtin_adapter_names(),
         ),
         GrpcMetrics(),
     )

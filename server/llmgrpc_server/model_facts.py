@@ -89,7 +89,18 @@ def to_model_info_response(info: domain.ModelInfo, service_version: str) -> pb.G
             structured_output=list(STRUCTURED_OUTPUT_KINDS),
             max_logprobs=info.max_logprobs,
         ),
-    )
+        lora=pb.LoraSupport(
+            enabled=info.lora.enabled, max_loras=info.lora.max_loras,
+            max_lora_rank=info.lora.max_lora_rank, max_cpu_loras=info.lora.max_cpu_loras,
+        ),
+        adapters=[
+            pb.Adapter(
+                name=a.name, base_model=a.base_model, rank=a.rank,
+                target_modules=list(a.target_modules), loaded=a.loaded, source=a.source,
+            )
+            for a in info.adapters
+        ],
+    )  # fmt: skip
 
 
 def info_metric_labels(info: domain.ModelInfo) -> dict[str, str]:

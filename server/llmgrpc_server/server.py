@@ -27,10 +27,13 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from llmgrpc.v1 import admin_service_pb2
+from llmgrpc.v1 import admin_service_pb2_grpc as admin_grpc
 from llmgrpc.v1 import llm_service_pb2_grpc as pb_grpc
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from llmgrpc_server import model_facts
+from llmgrpc_server.admin import AdminServicer
 from llmgrpc_server.admission import Admission, ConnectionLimit, transport_streams
 from llmgrpc_server.auth import TokenAuthInterceptor
 from llmgrpc_server.config import ServerConfig
@@ -85,8 +88,8 @@ async def start(
 ) -> RunningServer:
     metrics = ServiceMetrics(model_name, registry)
     interceptors: list[grpc.aio.ServerInterceptor] = []
-    if config.auth_tokens:
-        interceptors.append(TokenAuthInterceptor(config.auth_tokens))
+    if config.auth_tokens or config.admin_tokens:
+        interceptors.append(TokenAuthInterceptor(config.auth_tokens, config.admin_tokens))
     interceptors.append(
         ServiceInterceptor(
             grpc_metrics,
@@ -103,10 +106,16 @@ async def start(
         config.service_version,
     )
     pb_grpc.add_LLMServiceServicer_to_server(servicer, server)
+    if config.admin_tokens:  # otherwise its calls are UNIMPLEMENTED
+        admin_grpc.add_AdminServiceServicer_to_server(
+            AdminServicer(servicer, config.adapter_dir), server
+        )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    admin = admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
     reflection.enable_server_reflection(
         (
             SERVICE_NAME,
+            *((admin,) if config.admin_tokens else ()),
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),

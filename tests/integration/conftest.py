@@ -40,9 +40,27 @@ def smollm_reference() -> dict[str, Greedy]:
     return greedy_answers(Path(models.resolve(MODEL, models.default_models_dir())))
 
 
+@pytest.fixture(scope="session")
+def lora_reference() -> dict[str, dict[str, Greedy]]:
+    """transformers + peft's answers with each demo adapter (and without), by model name."""
+    from llmgrpc_server.models import resolve_adapter
+
+    from tests.integration.test_lora import LORA_PROMPTS, A, B
+    from tests.lora_reference import greedy_with_adapter
+
+    base = Path(models.resolve(MODEL, models.default_models_dir()))
+    prompts = [(p, True) for p in LORA_PROMPTS]
+    answers = {MODEL: greedy_with_adapter(base, None, prompts)}
+    for name in (A, B):
+        adapter = resolve_adapter(name, models.default_models_dir())
+        answers[name] = greedy_with_adapter(base, adapter, prompts)
+    return answers
+
+
 @engine_fixture()
 def smollm(
-    smollm_reference: dict[str, Greedy], request: pytest.FixtureRequest
+    smollm_reference: dict[str, Greedy], lora_reference: dict[str, dict[str, Greedy]],
+    request: pytest.FixtureRequest,
 ) -> Iterator[ServerProcess]:
     yield from _serve("smollm", request)
 

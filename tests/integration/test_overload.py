@@ -282,7 +282,7 @@ async def test_adapter_refuses_a_request_whose_deadline_has_passed() -> None:
 
     class StubLLM:
         errored = False
-        vllm_config = SimpleNamespace(model_config=SimpleNamespace(
+        vllm_config = SimpleNamespace(lora_config=None, model_config=SimpleNamespace(
             get_vocab_size=lambda: 512, max_model_len=2048, max_logprobs=20,
             served_model_name="stub", model="stub"))  # fmt: skip
 

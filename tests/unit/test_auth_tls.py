@@ -22,6 +22,8 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from llmgrpc import AsyncClient, Security, cli
 from llmgrpc.client import tokenize_request
+from llmgrpc.v1 import admin_service_pb2 as admin_pb
+from llmgrpc.v1 import admin_service_pb2_grpc as admin_grpc
 from llmgrpc_server import auth
 from llmgrpc_server.config import ServerConfig, read_tokens
 
@@ -264,7 +266,7 @@ def test_tokens_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -
     interceptor = auth.TokenAuthInterceptor(("t1", "t2", "t3"))
     for presented, valid in (("t1", True), ("t3", True), ("nope", False)):
         calls.clear()
-        assert interceptor._valid(presented) is valid
+        assert interceptor._valid(presented, interceptor._tokens) is valid
         assert [b for _, b in calls] == [b"t1", b"t2", b"t3"]
 
 
@@ -370,3 +372,36 @@ async def test_healthcheck_without_the_certificates_fails_saying_what_to_give(
     assert bad_path.stderr.strip() == f"llmgrpc-healthcheck: --ca-cert {missing}: no such file"
     print(f"\nplaintext: {plaintext.stderr.strip()}\nno client certificate: "
           f"{no_client_cert.stderr.strip()}")  # fmt: skip
+
+
+# --- AdminService tokens --------------------------------------------------------------
+
+
+ADMIN_TOKENS = ("admin-1",)
+
+
+async def _admin_code(target: str, token: str | None) -> grpc.StatusCode:
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = admin_grpc.AdminServiceStub(channel)
+        return await _code(stub.ListAdapters(admin_pb.ListAdaptersRequest(), metadata=metadata,
+                                             timeout=FAIL_FAST))  # fmt: skip
+
+
+async def test_admin_service_takes_only_admin_tokens() -> None:
+    """A serving token is PERMISSION_DENIED on AdminService; an admin token does
+    not serve; without --admin-token-file the service is UNIMPLEMENTED."""
+    async for srv in _serving(_config(auth_tokens=TOKENS, admin_tokens=ADMIN_TOKENS)):
+        assert await _admin_code(srv.target, ADMIN_TOKENS[0]) == grpc.StatusCode.OK
+        assert await _admin_code(srv.target, TOKENS[0]) == grpc.StatusCode.PERMISSION_DENIED
+        for bad in (None, "wrong"):
+            assert await _admin_code(srv.target, bad) == grpc.StatusCode.UNAUTHENTICATED
+        async with AsyncClient(srv.target, security=Security(token=ADMIN_TOKENS[0])) as c:
+            assert await _code(c.generate("hi", max_tokens=1, timeout=FAIL_FAST)) == (
+                grpc.StatusCode.UNAUTHENTICATED)  # fmt: skip
+    async for srv in _serving(_config(admin_tokens=ADMIN_TOKENS)):  # serving stays open
+        async with AsyncClient(srv.target) as c:
+            assert (await c.generate("hi", max_tokens=1, timeout=FAIL_FAST)).token_ids
+        assert await _admin_code(srv.target, None) == grpc.StatusCode.UNAUTHENTICATED
+    async for srv in _serving(_config(auth_tokens=TOKENS)):
+        assert await _admin_code(srv.target, TOKENS[0]) == grpc.StatusCode.UNIMPLEMENTED

@@ -35,7 +35,9 @@ Code = grpc.StatusCode
 
 # Codes the server answers that no ServiceError carries: success, the client's
 # own cancellation, the auth interceptor, and the fallback for unknown errors.
-TRANSPORT_CODES = {Code.OK, Code.CANCELLED, Code.UNAUTHENTICATED, Code.INTERNAL}
+# Answered by gRPC or the auth interceptor, outside errors.STATUS_TABLE.
+TRANSPORT_CODES = {Code.OK, Code.CANCELLED, Code.UNAUTHENTICATED, Code.PERMISSION_DENIED,
+                   Code.UNIMPLEMENTED, Code.INTERNAL}
 
 # Every exception class vLLM 0.32 defines where the adapter can see it, and the
 # code it must end a call with. A class a later vLLM adds fails the walk below

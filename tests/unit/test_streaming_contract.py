@@ -108,7 +108,7 @@ class StubLLM:
         self.first_yield_at: float | None = None
         # Set: every output after the first waits for it.
         self.hold: asyncio.Event | None = None
-        self.vllm_config = SimpleNamespace(model_config=SimpleNamespace(
+        self.vllm_config = SimpleNamespace(lora_config=None, model_config=SimpleNamespace(
             get_vocab_size=lambda: 512, max_model_len=2048, max_logprobs=20,
             served_model_name="stub", model="stub"))  # fmt: skip
         self._tokenizer = SimpleNamespace(
@@ -119,8 +119,8 @@ class StubLLM:
     def get_tokenizer(self) -> object:
         return self._tokenizer
 
-    async def generate(self, prompt: object, params: object, request_id: str
-                       ) -> AsyncIterator[RequestOutput]:  # fmt: skip
+    async def generate(self, prompt: object, params: object, request_id: str,
+                       lora_request: object = None) -> AsyncIterator[RequestOutput]:  # fmt: skip
         for i, output in enumerate(self.outputs):
             if i and self.hold is not None:
                 await self.hold.wait()

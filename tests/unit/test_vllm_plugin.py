@@ -39,3 +39,35 @@ def test_the_plugin_grants_amx_tiles_where_the_cpu_has_them() -> None:
     supported, before, after = (word == "True" for word in out)
     assert not before, "a fresh process already had AMX: the test proves nothing here"
     assert after == supported
+
+
+def test_masked_lora_ops_leave_tokens_without_an_adapter_alone() -> None:
+    """vLLM's CPU LoRA ops index adapter slots with each token's index, and -1 (no
+    adapter) reads the last slot; the masked ops apply adapters to the other
+    tokens only, exactly as before for them."""
+    import torch
+    from llmgrpc_server.vllm_plugin import masked_lora_op
+    from vllm.lora.ops.torch_ops import lora_ops
+
+    torch.manual_seed(0)
+    tokens, hidden, rank, slots = 5, 8, 2, 2
+    x = torch.randn(tokens, hidden)
+    a = torch.randn(slots, 1, rank, hidden)  # shrink weights: [slots, 1, rank, in]
+    b = torch.randn(slots, 1, hidden, rank)  # expand weights: [slots, 1, out, rank]
+    indices = torch.tensor([0, -1, 1, -1, 0])
+    shrunk = torch.zeros(tokens, rank)
+    masked_lora_op(lora_ops.bgmv_shrink)(x, a, shrunk, indices, 0.5)
+    y = torch.ones(tokens, hidden)
+    masked_lora_op(lora_ops.bgmv_expand)(shrunk, b, y, indices, add_inputs=True)
+    base = indices < 0
+    assert torch.equal(shrunk[base], torch.zeros(2, rank)) and torch.equal(y[base], torch.ones(2, hidden))
+    # The adapter rows: what the unmasked ops give them.
+    ref_shrunk = torch.zeros(tokens, rank)
+    lora_ops.bgmv_shrink(x, a, ref_shrunk, indices.clamp(min=0), 0.5)
+    ref_y = torch.ones(tokens, hidden)
+    lora_ops.bgmv_expand(ref_shrunk, b, ref_y, indices.clamp(min=0), add_inputs=True)
+    assert torch.equal(y[~base], ref_y[~base]) and not torch.equal(ref_y[base], torch.ones(2, hidden))
+    # The unmasked op is the bug: index -1 takes the last slot's adapter.
+    leaky = torch.zeros(tokens, rank)
+    lora_ops.bgmv_shrink(x, a, leaky, indices, 0.5)
+    assert not torch.equal(leaky[base], torch.zeros(2, rank))

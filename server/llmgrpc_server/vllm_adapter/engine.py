@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import vllm
@@ -21,6 +23,7 @@ from vllm.inputs import TokensPrompt
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from llmgrpc_server import cpu_placement, domain, policy
+from llmgrpc_server.adapters import Registry
 from llmgrpc_server.domain import Limits, check_prompt_length
 from llmgrpc_server.errors import (
     AlreadyExists,
@@ -29,7 +32,7 @@ from llmgrpc_server.errors import (
     ServiceError,
     Unavailable,
 )
-from llmgrpc_server.vllm_adapter import failures
+from llmgrpc_server.vllm_adapter import failures, lora
 from llmgrpc_server.vllm_adapter.outputs import OutputStream
 from llmgrpc_server.vllm_adapter.sampling import to_sampling_params
 from llmgrpc_server.vllm_adapter.settings import SUPPORTED_VLLM, cache_vllm_settings
@@ -44,6 +47,7 @@ class VllmEngine:
         self, llm: AsyncLLM, model_path: str, *,
         max_prompt_tokens: int | None, max_tokens: int | None, max_tokens_per_message: int,
         size_caps: domain.SizeCaps = domain.SizeCaps(),  # noqa: B008 (frozen)
+        known_adapters: frozenset[str] = frozenset(),
     ) -> None:  # fmt: skip
         self._llm = llm
         self._max_tokens_per_message = max_tokens_per_message
@@ -62,12 +66,22 @@ class VllmEngine:
             max_token_bytes=_max_token_bytes(self._tokenizer),
             caps=size_caps,
         ).capped(max_prompt_tokens, max_tokens)
+        self._lora = lora.support(llm.vllm_config)
+        # Requests in flight per adapter id, so that unloading waits for them.
+        self._using: Counter[int] = Counter()
+        self._idle: dict[int, asyncio.Event] = {}
+        self.adapters = Registry(
+            self._limits.model_names, enabled=self._lora.enabled,
+            known_elsewhere=known_adapters.__contains__,
+        )  # fmt: skip
 
     @classmethod
     async def start(
         cls, args: AsyncEngineArgs, *,
         max_prompt_tokens: int | None, max_tokens: int | None, max_tokens_per_message: int,
         pin_front_end: bool, size_caps: domain.SizeCaps = domain.SizeCaps(),  # noqa: B008 (frozen)
+        lora_modules: tuple[tuple[str, str], ...] = (),
+        known_adapters: frozenset[str] = frozenset(),
     ) -> VllmEngine:  # fmt: skip
         """Build the engine; the caps are the operator's (--max-prompt-tokens,
         --max-tokens-limit) on top of the model's context; `pin_front_end`
@@ -80,14 +94,18 @@ class VllmEngine:
         cache_vllm_settings()
         if pin_front_end:
             cpu_placement.place_front_end()
-        return cls(
+        engine = cls(
             llm,
             str(args.model),
             max_prompt_tokens=max_prompt_tokens,
             max_tokens=max_tokens,
             max_tokens_per_message=max_tokens_per_message,
             size_caps=size_caps,
+            known_adapters=known_adapters,
         )
+        for name, path in lora_modules:  # before SERVING: a request finds them loaded
+            await lora.load(llm, engine.adapters, name, Path(path), "startup")
+        return engine
 
     # --- Engine interface ---------------------------------------------------
 
@@ -105,6 +123,23 @@ class VllmEngine:
     async def abort(self, request_id: str) -> None:
         await self._llm.abort(request_id)
 
+    def check_model(self, adapter: str | None) -> None:
+        self.adapters.lookup(adapter)
+
+    async def load_adapter(self, name: str, path: Path) -> tuple[domain.AdapterInfo, bool]:
+        adapter, existing = await lora.load(self._llm, self.adapters, name, path, "admin")
+        return self.adapters.info(adapter), existing
+
+    async def unload_adapter(self, name: str) -> None:
+        """New requests naming it are NOT_FOUND at once; the engine drops its
+        weights once the requests running with it have finished."""
+        adapter = self.adapters.remove(name)
+        if self._using[adapter.lora_id]:
+            idle = self._idle.setdefault(adapter.lora_id, asyncio.Event())
+            await idle.wait()
+            del self._idle[adapter.lora_id]
+        await self._llm.remove_lora(adapter.lora_id)
+
     async def shutdown(self) -> None:
         await asyncio.to_thread(self._llm.shutdown)
 
@@ -113,9 +148,12 @@ class VllmEngine:
         _check_deadline(request)
         if self.is_dead:
             raise Unavailable("the engine has stopped; retry on another replica")
+        adapter = lora.lora_request(self.adapters.lookup(request.adapter))
         request_id = request.request_id
         if request_id in self._in_flight:
             raise AlreadyExists(f"request_id {request_id!r} is already in flight")
+        if adapter is not None:
+            self._using[adapter.lora_int_id] += 1
         # Claimed before the prompt is tokenized: a duplicate costs no work.
         self._in_flight.add(request_id)
         try:
@@ -123,7 +161,8 @@ class VllmEngine:
             stream = OutputStream(request_id, len(prompt_ids), arrival, request.sampling.logprobs)
             try:
                 async for output in self._llm.generate(
-                    TokensPrompt(prompt_token_ids=prompt_ids), params, request_id
+                    TokensPrompt(prompt_token_ids=prompt_ids), params, request_id,
+                    lora_request=adapter,
                 ):
                     yield stream.delta(output)
             except (asyncio.CancelledError, GeneratorExit):
@@ -146,6 +185,15 @@ class VllmEngine:
                 raise failure from e
         finally:
             self._in_flight.discard(request_id)
+            if adapter is not None:
+                self._release(adapter.lora_int_id)
+
+    def _release(self, lora_id: int) -> None:
+        self._using[lora_id] -= 1
+        if self._using[lora_id] <= 0:
+            del self._using[lora_id]
+            if lora_id in self._idle:
+                self._idle[lora_id].set()
 
     async def _prepare(self, request: domain.GenerationRequest) -> tuple[list[int], SamplingParams]:
         """The prompt's token ids and vLLM's sampling parameters for `request`."""
@@ -236,6 +284,8 @@ class VllmEngine:
             hf_config=_hf_config(mc),
             has_chat_template=self._limits.has_chat_template,
             max_logprobs=self._limits.max_logprobs,
+            lora=self._lora,
+            adapters=self.adapters.infos(),
         )
 
     # --- request preparation -----------------------------------------------
