@@ -55,6 +55,8 @@ METRICS: dict[str, str] = {
     "llmgrpc_streamed_tokens_total": "counter",
     "llmgrpc_generated_tokens_total": "counter",
     "llmgrpc_tokenize_requests_total": "counter",
+    "llmgrpc_lora_requests_total": "counter",
+    "llmgrpc_lora_generated_tokens_total": "counter",
     "llmgrpc_model_info": "gauge",
 }
 

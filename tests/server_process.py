@@ -99,7 +99,7 @@ SHARED: dict[str, list[str]] = {
     "smollm": ["--model", "smollm2-135m-instruct", "--dtype", "float32", "--enforce-eager",
                "--lora-modules", *(f"smollm2-135m-instruct-lora-{x}=smollm2-135m-instruct-lora-{x}"
                                    for x in "ab"),
-               "--max-loras", "1",
+               "--max-loras", "1", "--max-cpu-loras", "4",
                "--admin-token-file", str(ADMIN_TOKEN_FILE), "--adapter-dir", str(ADAPTER_DIR)],
 }  # fmt: skip
 # Fixtures that start or hold a real engine server; tests using one must be

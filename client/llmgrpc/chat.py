@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import sys
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from typing import Any, cast
 
 import grpc
@@ -57,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         with _client(args) as client:
             try:
-                info = client.model_info(timeout=args.timeout or START_DEADLINE_S)
+                with _sigint_blocked():  # grpc starts its threads here: they inherit it
+                    info = client.model_info(timeout=args.timeout or START_DEADLINE_S)
             except grpc.RpcError as e:
                 _note(f"llmgrpc chat: cannot start with {args.target}: "
                       f"{e.code().name}: {e.details()}")  # fmt: skip
@@ -76,6 +78,20 @@ def run(args: argparse.Namespace) -> int:
         print(file=sys.stderr)  # after the "^C" the terminal echoed
         return 130
     return 0
+
+
+@contextlib.contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """SIGINT blocked in this thread meanwhile, so in the threads it starts.
+
+    Ctrl-C then always reaches this (the main) thread: one that the kernel
+    handed to a grpc thread would not interrupt readline's wait at the
+    prompt, and the chat would not end."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _converse(client: Client, args: argparse.Namespace, interactive: bool) -> None:

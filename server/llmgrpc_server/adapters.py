@@ -92,10 +92,13 @@ class Registry:
 
     def __init__(
         self, base_names: tuple[str, ...], *, enabled: bool,
-        known_elsewhere: Callable[[str], bool] = lambda name: False,
+        known_elsewhere: Callable[[str], bool] = lambda name: False, capacity: int = 0,
     ) -> None:  # fmt: skip
         self.base_names = base_names
         self.enabled = enabled
+        # At most this many adapters (0: no limit): --max-loras + --max-cpu-loras,
+        # which bounds the adapter label of the metrics too.
+        self.capacity = capacity
         # Names that are adapters somewhere (built-in demo adapters): asked of a
         # server without LoRA they are FAILED_PRECONDITION, not NOT_FOUND.
         self._known_elsewhere = known_elsewhere
@@ -120,6 +123,11 @@ class Registry:
             if existing.path == path:
                 return existing, True
             raise AlreadyExists(f"adapter {name!r} is loaded from another path")
+        if self.capacity and len(self._adapters) >= self.capacity:
+            raise FailedPrecondition(
+                f"the server serves its most adapters, {self.capacity} (--max-loras + "
+                "--max-cpu-loras): unload one first"
+            )
         rank, targets = read_adapter(path)
         adapter = Adapter(name, path, self.base_names[0], rank, targets, source, self._next_id)
         self._next_id += 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
@@ -90,6 +91,21 @@ class ServiceMetrics:
             [*m, "grpc_method"],
             registry=registry,
         )
+        # Calls naming a LoRA adapter, by adapter: the label takes only names
+        # the server serves (an unknown name fails before the first token), at
+        # most --max-loras + --max-cpu-loras of them at a time.
+        self._lora_requests = Counter(
+            "llmgrpc_lora_requests_total",
+            "Generate and GenerateStream calls that named a LoRA adapter and reached the engine.",
+            [*m, "lora_adapter", "grpc_method"],
+            registry=registry,
+        )
+        self._lora_tokens = Counter(
+            "llmgrpc_lora_generated_tokens_total",
+            "Tokens the engine produced for calls naming a LoRA adapter.",
+            [*m, "lora_adapter"],
+            registry=registry,
+        )
         self._tokenize = Counter(
             "llmgrpc_tokenize_requests_total", "Tokenize calls.", m, registry=registry
         ).labels(model_name)
@@ -113,17 +129,25 @@ class ServiceMetrics:
         finally:
             self._active_streams.dec()
 
-    def token_counter(self, method: str) -> Callable[[int], None]:
+    def token_counter(self, method: str, adapter: str | None = None) -> Callable[[int], None]:
         """A function counting the tokens of each message of one `method` call:
-        the labelled children are looked up once per call, not per message."""
+        the labelled children are looked up once per call, not per message. A
+        call naming an adapter counts as that adapter's at its first message."""
         generated = self._generated.labels(self.model_name, method)
         streamed = self._streamed if method == "GenerateStream" else None
+        lora: Any = None
 
         def count(n: int) -> None:
+            nonlocal lora
+            if adapter is not None and lora is None:
+                self._lora_requests.labels(self.model_name, adapter, method).inc()
+                lora = self._lora_tokens.labels(self.model_name, adapter)
             if n:
                 generated.inc(n)
                 if streamed is not None:
                     streamed.inc(n)
+                if lora is not None:
+                    lora.inc(n)
 
         return count
 

@@ -82,7 +82,7 @@ class LLMServicer(pb_grpc.LLMServiceServicer):
     ) -> AsyncIterator[domain.Delta]:
         # Tokens count as they leave the engine, so a cancelled or failed
         # request still reports what it produced.
-        count = self._metrics.token_counter(method)
+        count = self._metrics.token_counter(method, req.adapter)
         async for delta in self.engine.generate(req):
             count(len(delta.token_ids))
             yield delta

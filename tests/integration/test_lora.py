@@ -21,6 +21,7 @@ from llmgrpc.v1 import admin_service_pb2_grpc as admin_grpc
 from llmgrpc.v1 import llm_service_pb2 as pb
 from llmgrpc_server.models import default_models_dir, resolve_adapter
 
+from tests.metrics_scrape import at_rest, sample_value, scrape
 from tests.server_process import ADAPTER_DIR, ADMIN_TOKEN, ServerProcess
 from tests.smollm_reference import Greedy
 from tests.waiting import poll
@@ -86,6 +87,39 @@ def test_base_and_adapters_interleaved_at_concurrency_32_answer_as_alone(
     for job, ids in zip(jobs, together, strict=True):
         assert ids == alone[job], job
 
+
+
+def test_adapter_metrics_count_each_adapter_and_vllm_reports_lora_slots(
+    smollm: ServerProcess,
+) -> None:
+    """Our counters by adapter (exactly the calls and tokens sent here), and
+    vLLM's vllm:lora_requests_info, which LoRA-aware routers read."""
+    assert poll(lambda: at_rest(smollm.metrics_url), timeout=60)
+    before = scrape(smollm.metrics_url)
+    with Client(smollm.target, timeout=300) as client:
+        for model in (A, A, B):
+            client.generate("Hello", model=model, max_tokens=3, ignore_eos=True, temperature=0.0)
+        with pytest.raises(grpc.RpcError):
+            client.generate("Hello", model="not-an-adapter", max_tokens=3)
+
+    def counted() -> bool:
+        now = scrape(smollm.metrics_url)
+        delta = {(name, adapter): sample_value(now, name, lora_adapter=adapter)
+                 - sample_value(before, name, lora_adapter=adapter)
+                 for name in ("llmgrpc_lora_requests_total", "llmgrpc_lora_generated_tokens_total")
+                 for adapter in (A, B, "not-an-adapter")}  # fmt: skip
+        return delta == {
+            ("llmgrpc_lora_requests_total", A): 2, ("llmgrpc_lora_requests_total", B): 1,
+            ("llmgrpc_lora_requests_total", "not-an-adapter"): 0,
+            ("llmgrpc_lora_generated_tokens_total", A): 6,
+            ("llmgrpc_lora_generated_tokens_total", B): 3,
+            ("llmgrpc_lora_generated_tokens_total", "not-an-adapter"): 0,
+        }  # fmt: skip
+
+    assert poll(counted, timeout=30)
+    info = [labels for (name, labels) in scrape(smollm.metrics_url)
+            if name == "vllm:lora_requests_info"]  # fmt: skip
+    assert info and all(("max_lora", "1") in labels for labels in info)
 
 def test_model_info_lists_the_adapters(smollm: ServerProcess) -> None:
     with Client(smollm.target) as client:

@@ -87,3 +87,13 @@ def test_paths_stay_under_the_adapter_dir(tmp_path: Path) -> None:
             under(root, escape)
     with pytest.raises(NotFound):
         under(root, "team/missing")
+
+
+def test_the_registry_holds_at_most_its_capacity(tmp_path: Path) -> None:
+    """--max-loras + --max-cpu-loras adapters at most: the bound of the adapter label."""
+    registry = Registry(("base",), enabled=True, capacity=1)
+    path = _adapter(tmp_path / "x")
+    registry.add(registry.prepare("a", path, "startup")[0])
+    assert registry.prepare("a", path, "admin")[1]  # the same one again is fine
+    with pytest.raises(FailedPrecondition, match="unload one first"):
+        registry.prepare("b", path, "admin")

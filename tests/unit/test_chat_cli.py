@@ -182,9 +182,9 @@ async def test_on_a_terminal_it_prompts_and_ctrl_c_stops_only_the_reply(
     server: FakeServer,
 ) -> None:
     engine = server.engine
-    engine.step_delay = 0.05  # a 40-token reply takes 2 s: long enough to interrupt
+    engine.step_delay = 0.25  # a 200-token reply takes 50 s: it is interrupted, not over
     term = Terminal()
-    proc = await interactive_chat(server.target, term, "--max-tokens", "40")
+    proc = await interactive_chat(server.target, term, "--max-tokens", "200")
     try:
         assert "Chatting with fake." in await term.expect("you> ")
         term.type("hi\n")

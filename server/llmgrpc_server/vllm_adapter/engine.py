@@ -73,6 +73,7 @@ class VllmEngine:
         self.adapters = Registry(
             self._limits.model_names, enabled=self._lora.enabled,
             known_elsewhere=known_adapters.__contains__,
+            capacity=self._lora.max_loras + self._lora.max_cpu_loras,
         )  # fmt: skip
 
     @classmethod
