@@ -55,6 +55,11 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """0 at EOF or /exit; 1 when the chat cannot start; 130 on Ctrl-C at the prompt."""
     interactive = sys.stdin.isatty()
+    if interactive:
+        # Ctrl-C must work even when the parent started us with SIGINT blocked
+        # or ignored (a mask and SIG_IGN are inherited across exec).
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with _client(args) as client:
             try:
