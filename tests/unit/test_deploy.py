@@ -24,11 +24,11 @@ import sys
 from typing import Any
 
 import jsonschema
-import kubernetes_validate
 import pytest
 import yaml
 
 from tests.manifests import (
+    CRD_VALIDATORS,
     K8S,
     ROOT,
     all_containers,
@@ -41,18 +41,16 @@ from tests.manifests import (
     one,
     pod_spec,
     render,
+    schema_errors,
     selects,
     server,
+    validate,
 )
 
-CRD_DIR = ROOT / "tests" / "fixtures" / "crds"
 DOCKERFILE = ROOT / "Dockerfile"
 
 OVERLAYS = ("gpu-dense-gqa", "gpu-moe", "cpu-tiny")
 GPU_OVERLAYS = ("gpu-dense-gqa", "gpu-moe")
-# Oldest Kubernetes the manifests target (native preStop `sleep`, PDB
-# unhealthyPodEvictionPolicy) and the newest that kubernetes-validate knows.
-K8S_VERSIONS = ("1.30", kubernetes_validate.utils.latest_version())
 
 ENGINE_SERVICE = "llmgrpc.v1.LLMService"
 GPU = "nvidia.com/gpu"
@@ -73,6 +71,12 @@ CRD_KINDS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
     ("monitoring.coreos.com/v1", "PrometheusRule"),
     ("keda.sh/v1alpha1", "ScaledObject"),
+    ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet"),
+    ("inference.networking.k8s.io/v1", "InferencePool"),
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"),
+    ("gateway.networking.k8s.io/v1", "GRPCRoute"),
+    # Not a custom resource: the picker's config file, validated the same way.
+    ("llm-d.ai/v1alpha1", "EndpointPickerConfig"),
 }
 # Volume types the "restricted" Pod Security Standard admits.
 RESTRICTED_VOLUME_TYPES = {
@@ -108,61 +112,8 @@ def gpu_overlay(request: pytest.FixtureRequest) -> str:
 
 # --------------------------------------------------------------------------- schemas
 
-def _strict(schema: Any) -> Any:
-    """Reject unknown fields like the API server's strict field validation."""
-    if isinstance(schema, dict):
-        schema = {k: _strict(v) for k, v in schema.items()}
-        if (
-            "properties" in schema
-            and "additionalProperties" not in schema
-            and not schema.get("x-kubernetes-preserve-unknown-fields")
-        ):
-            schema["additionalProperties"] = False
-        return schema
-    if isinstance(schema, list):
-        return [_strict(v) for v in schema]
-    return schema
-
-
-def _crd_validators() -> dict[tuple[str, str], jsonschema.protocols.Validator]:
-    validators = {}
-    for path in sorted(CRD_DIR.glob("*.json")):
-        doc = json.loads(path.read_text())
-        schema = _strict({**doc["openAPIV3Schema"], "$defs": doc.get("$defs", {})})
-        cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
-        cls.check_schema(schema)
-        validators[(f"{doc['group']}/{doc['version']}", doc["kind"])] = cls(schema)
-    return validators
-
-
-CRD_VALIDATORS = _crd_validators()
-
-
-def validate(obj: dict[str, Any]) -> None:
-    """Validate one object against its Kubernetes or CRD schema; raise on any error."""
-    key = (obj["apiVersion"], obj["kind"])
-    if key in CRD_VALIDATORS:
-        CRD_VALIDATORS[key].validate(obj)
-        return
-    for version in K8S_VERSIONS:
-        kubernetes_validate.validate(obj, version, strict=True)
-
-
 def test_vendored_crd_schemas_cover_the_custom_kinds() -> None:
     assert set(CRD_VALIDATORS) == CRD_KINDS
-
-
-def schema_errors(objs: list[dict[str, Any]]) -> list[str]:
-    """One line per object that fails validate(), naming the object and the field."""
-    errors = []
-    for obj in objs:
-        try:
-            validate(obj)
-        except (jsonschema.ValidationError, kubernetes_validate.utils.SchemaNotFoundError) as exc:
-            message = getattr(exc, "message", str(exc))
-            path = ".".join(str(p) for p in getattr(exc, "path", []))
-            errors.append(f"{obj['kind']}/{obj['metadata']['name']}: {path}: {message}")
-    return errors
 
 
 def test_every_rendered_object_validates(rendered: dict[str, list[dict[str, Any]]], overlay: str) -> None:
