@@ -31,6 +31,7 @@ __all__ = [
     "UnsupportedArchitecture",
     "facts_from_config",
     "kv_dtype_bytes",
+    "weight_bits",
     "weight_bytes",
 ]
 
@@ -131,13 +132,18 @@ def kv_dtype_bytes(kv_dtype: str) -> int:
     return KV_DTYPE_BYTES[name]
 
 
-def weight_bytes(facts: ArchitectureFacts, weight_dtype: str = "bfloat16") -> int:
-    """Bytes of all weights in `weight_dtype`. Quantized formats quantize the linear layers;
-    vLLM keeps the token embedding and LM head in 16 bits (scales are not counted)."""
+def weight_bits(weight_dtype: str) -> int:
+    """Bits per parameter of a linear layer's weight in `weight_dtype`."""
     name = _DTYPE_ALIASES.get(weight_dtype, weight_dtype)
     if name not in WEIGHT_DTYPE_BITS:
         raise ValueError(f"unknown weight dtype {weight_dtype!r}; use {list(WEIGHT_DTYPE_BITS)}")
-    bits = WEIGHT_DTYPE_BITS[name]
+    return WEIGHT_DTYPE_BITS[name]
+
+
+def weight_bytes(facts: ArchitectureFacts, weight_dtype: str = "bfloat16") -> int:
+    """Bytes of all weights in `weight_dtype`. Quantized formats quantize the linear layers;
+    vLLM keeps the token embedding and LM head in 16 bits (scales are not counted)."""
+    bits = weight_bits(weight_dtype)
     kept = facts.embedding_parameters + facts.lm_head_parameters if bits < 16 else 0
     return math.ceil(((facts.total_parameters - kept) * bits + kept * 16) / 8)
 
@@ -280,5 +286,3 @@ def _max_positions(c: Mapping[str, Any], model_type: str) -> int:
 
 
 # --- fitting a model onto GPUs ----------------------------------------------------------------
-
-

@@ -2,7 +2,9 @@
 
 Reads a config (built-in name, config.json or model directory) and prints the
 architecture facts, weight memory per dtype, KV cache cost and a capacity plan,
-as a table or as JSON. The arithmetic is llmgrpc.capacity's.
+as a table or as JSON. The arithmetic is llmgrpc.capacity's. With --gpu NAME it
+plans the smallest topology (TP, PP, EP/DP, nodes) on that GPU type instead, and
+prints the Kubernetes patch that deploys it (llmgrpc.plan_topology).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 import sys
 from typing import Any
 
-from llmgrpc import capacity
+from llmgrpc import capacity, plan_topology, topology
 from llmgrpc.capacity import ArchitectureFacts, Plan
 
 _WEIGHT_DTYPES = ("bfloat16", "float16", "fp8", "int8", "int4", "bf16", "fp16")
@@ -35,13 +37,20 @@ def add_parser(subparsers: Any) -> None:
         help=f"a built-in config name ({', '.join(capacity.builtin_configs())}), "
         "a config.json path or a model directory",
     )
-    parser.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU")
-    parser.add_argument("--tp", type=int, default=1, help="tensor parallel size (GPUs)")
+    parser.add_argument(
+        "--gpu-memory-gib", type=float, default=None, help="memory of one GPU (default: 80)"
+    )
+    parser.add_argument("--tp", type=int, default=None, help="tensor parallel size (default: 1)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument(
         "--context-len", type=int, default=None, help="tokens per sequence (default: the model's)"
     )
-    parser.add_argument("--weight-dtype", choices=_WEIGHT_DTYPES, default="bfloat16")
+    parser.add_argument(
+        "--weight-dtype",
+        choices=_WEIGHT_DTYPES,
+        default=None,
+        help="default: the checkpoint's (fp8 when its quantization_config says so, else bfloat16)",
+    )
     parser.add_argument("--kv-dtype", choices=_KV_DTYPES, default="auto")
     parser.add_argument(
         "--overhead-gib",
@@ -51,6 +60,7 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("--block-size", type=int, default=capacity.DEFAULT_BLOCK_SIZE)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    plan_topology.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,14 +68,16 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = capacity.load_config(args.model)
         facts = capacity.facts_from_config(config)
+        if args.gpu is not None:
+            return _run_topology(args, config, facts)
         embedded = _embedded(args, config, facts)
         result = capacity.plan(
             facts,
-            gpu_memory_gib=args.gpu_memory_gib,
-            num_gpus_tp=args.tp,
+            gpu_memory_gib=80.0 if args.gpu_memory_gib is None else args.gpu_memory_gib,
+            num_gpus_tp=1 if args.tp is None else args.tp,
             gpu_memory_utilization=args.gpu_memory_utilization,
             context_len=args.context_len,
-            weight_dtype=args.weight_dtype,
+            weight_dtype=args.weight_dtype or topology.native_weight_dtype(config),
             kv_dtype=args.kv_dtype,
             overhead_gib=args.overhead_gib,
             block_size=args.block_size,
@@ -80,6 +92,22 @@ def run(args: argparse.Namespace) -> int:
         if embedded is not None:
             print("\n".join(_embedded_section(embedded)))
     return 0
+
+
+def _run_topology(
+    args: argparse.Namespace, config: dict[str, Any], facts: ArchitectureFacts
+) -> int:
+    """`--gpu`: the model's facts, then the smallest topology and its deployment patch;
+    1 when nothing fits in --max-nodes."""
+    result = plan_topology.plan(args, config, facts)
+    if args.json:
+        facts_json = _facts_json(args.model, facts, args.kv_dtype)
+        print(json.dumps(facts_json | plan_topology.to_json(result), indent=2))
+    else:
+        context = args.context_len or facts.max_position_embeddings
+        lines = _facts_lines(args.model, facts, args.kv_dtype, context)
+        print("\n".join(lines + plan_topology.render(result, _size)))
+    return 0 if result.recommendation.chosen is not None else 1
 
 
 def _embedded(
@@ -117,36 +145,22 @@ def _embedded_section(e: dict[str, Any]) -> list[str]:
 
 
 def to_json(model: str, facts: ArchitectureFacts, result: Plan) -> dict[str, Any]:
+    return _facts_json(model, facts, result.kv_dtype) | {"plan": dataclasses.asdict(result)}
+
+
+def _facts_json(model: str, facts: ArchitectureFacts, kv_dtype: str) -> dict[str, Any]:
     architecture = dataclasses.asdict(facts)
-    architecture["kv_cache_bytes_per_token"] = facts.kv_cache_bytes_per_token(result.kv_dtype)
+    architecture["kv_cache_bytes_per_token"] = facts.kv_cache_bytes_per_token(kv_dtype)
     return {
         "model": model,
         "architecture": architecture,
         "weight_bytes": {d: capacity.weight_bytes(facts, d) for d in _SHOWN_WEIGHT_DTYPES},
-        "plan": dataclasses.asdict(result),
     }
 
 
 def render(model: str, facts: ArchitectureFacts, result: Plan) -> str:
     """The human-readable report."""
-    lines = [f"{model}: {', '.join(facts.architectures) or '?'} (model_type {facts.model_type})"]
-    lines += _section("Architecture", _architecture_rows(facts))
-    lines += _section(
-        "Weights (whole model)",
-        [(d, _size(capacity.weight_bytes(facts, d))) for d in _SHOWN_WEIGHT_DTYPES],
-    )
-    element = capacity.kv_dtype_bytes(result.kv_dtype)
-    per_token = facts.kv_cache_bytes_per_token(result.kv_dtype)
-    lines += _section(
-        f"KV cache ({result.kv_dtype}: {element} B per element)",
-        [
-            ("per token", f"{per_token:,} B ({_size(per_token)})"),
-            (
-                f"per {result.context_len:,}-token sequence",
-                _size(facts.kv_cache_bytes(result.context_len, result.kv_dtype)),
-            ),
-        ],
-    )
+    lines = _facts_lines(model, facts, result.kv_dtype, result.context_len)
     title = (
         f"Plan: {result.num_gpus_tp} x {_size(result.gpu_memory_bytes)} GPU "
         f"(TP {result.num_gpus_tp}), utilization {result.gpu_memory_utilization:.2f}, "
@@ -156,6 +170,31 @@ def render(model: str, facts: ArchitectureFacts, result: Plan) -> str:
     if facts.notes:
         lines += ["", "Notes", *(f"  - {note}" for note in facts.notes)]
     return "\n".join(lines)
+
+
+def _facts_lines(
+    model: str, facts: ArchitectureFacts, kv_dtype: str, context_len: int
+) -> list[str]:
+    """The model's facts: architecture, weights per dtype, KV cache cost."""
+    lines = [f"{model}: {', '.join(facts.architectures) or '?'} (model_type {facts.model_type})"]
+    lines += _section("Architecture", _architecture_rows(facts))
+    lines += _section(
+        "Weights (whole model)",
+        [(d, _size(capacity.weight_bytes(facts, d))) for d in _SHOWN_WEIGHT_DTYPES],
+    )
+    element = capacity.kv_dtype_bytes(kv_dtype)
+    per_token = facts.kv_cache_bytes_per_token(kv_dtype)
+    lines += _section(
+        f"KV cache ({kv_dtype}: {element} B per element)",
+        [
+            ("per token", f"{per_token:,} B ({_size(per_token)})"),
+            (
+                f"per {context_len:,}-token sequence",
+                _size(facts.kv_cache_bytes(context_len, kv_dtype)),
+            ),
+        ],
+    )
+    return lines
 
 
 def _architecture_rows(facts: ArchitectureFacts) -> list[tuple[str, str]]:

@@ -36,6 +36,30 @@ BUILTINS: dict[str, tuple[str, str, int, int, int, int, int, int, int]] = {
         2_661_150_208,
         31_104,
     ),
+    # 61 layers x one 512 + 64 latent (vLLM: head_size kv_lora_rank + qk_rope_head_dim,
+    # one KV head, no separate V) x 2 bytes
+    "deepseek-v3": (
+        "deepseek_v3",
+        "MLA",
+        128,
+        1,
+        576,
+        61,
+        671_026_419_200,
+        37_552_297_472,
+        70_272,
+    ),
+    "llama-3.1-405b": (
+        "llama",
+        "GQA",
+        128,
+        8,
+        128,
+        126,
+        405_853_388_800,
+        405_853_388_800,
+        516_096,
+    ),
     "falcon-7b": ("falcon", "MQA", 71, 1, 64, 32, 6_921_720_704, 6_921_720_704, 8_192),
     "llama-2-7b": ("llama", "MHA", 32, 32, 128, 32, 6_738_415_616, 6_738_415_616, 524_288),
     "gpt2": ("gpt2", "MHA", 12, 12, 64, 12, 124_439_808, 124_439_808, 36_864),
@@ -55,6 +79,10 @@ PUBLISHED = {
     "mistral-7b": (7.24, 7.24),
     "qwen3-30b-a3b": (30.5, 3.3),
     "deepseek-v2-lite": (15.7, 2.4),
+    # DeepSeek: 671B total, 36.6B activated counting the output head but not the
+    # embedding (README_WEIGHTS.md); Meta: 405B (405.85B in the safetensors index)
+    "deepseek-v3": (671.0, 36.6),
+    "llama-3.1-405b": (405.85, 405.85),
 }
 
 
@@ -103,6 +131,7 @@ def test_llama_70b_kv_cache_is_327680_bytes_per_token() -> None:
         ("mixtral-8x7b", 8, 2, 0, 32),
         ("qwen3-30b-a3b", 128, 8, 0, 48),
         ("deepseek-v2-lite", 64, 6, 2, 26),  # first_k_dense_replace = 1
+        ("deepseek-v3", 256, 8, 1, 58),  # first_k_dense_replace = 3
         ("tiny-mixtral-moe", 4, 2, 0, 2),
         ("llama-3.1-8b", 0, 0, 0, 0),
     ],
