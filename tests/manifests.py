@@ -8,6 +8,7 @@ tests/integration/test_container.py (the cpu-tiny pod, run with podman).
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import re
 import subprocess
@@ -46,6 +47,19 @@ def render(directory: pathlib.Path) -> list[dict[str, Any]]:
     )
     assert result.returncode == 0, f"kubectl kustomize {directory} failed:\n{result.stderr}"
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def stack(directory: pathlib.Path, resources: list[pathlib.Path], components: list[pathlib.Path]) -> pathlib.Path:
+    """A kustomization in `directory` stacking components on kustomizations, as docs/deploy.md says to."""
+    doc = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "namespace": "llmgrpc",
+        "resources": [os.path.relpath(p, directory) for p in resources],
+        "components": [os.path.relpath(p, directory) for p in components],
+    }
+    (directory / "kustomization.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    return directory
 
 
 def of_kind(objs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
