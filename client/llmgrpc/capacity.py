@@ -38,6 +38,7 @@ __all__ = [
     "kv_dtype_bytes",
     "kv_heads_per_gpu",
     "load_config",
+    "model_source",
     "plan",
     "weight_bytes",
 ]
@@ -187,6 +188,30 @@ def embedded_kv_cache_bytes(
 
 
 # --- built-in and local configs ---------------------------------------------------------------
+
+
+# Where each built-in config.json comes from: the Hugging Face repository a server
+# loads it by (docs/capacity.md, "Built-in configurations"). The embedded models
+# are served by their own names.
+SOURCES = {
+    "deepseek-v2-lite": "deepseek-ai/DeepSeek-V2-Lite",
+    "deepseek-v3": "deepseek-ai/DeepSeek-V3",
+    "falcon-7b": "tiiuae/falcon-7b",
+    "gpt2": "openai-community/gpt2",
+    "llama-2-7b": "meta-llama/Llama-2-7b-hf",
+    "llama-3.1-405b": "meta-llama/Llama-3.1-405B-Instruct",
+    "llama-3.1-70b": "meta-llama/Llama-3.1-70B-Instruct",
+    "llama-3.1-8b": "meta-llama/Llama-3.1-8B-Instruct",
+    "mistral-7b": "mistralai/Mistral-7B-v0.1",
+    "mixtral-8x7b": "mistralai/Mixtral-8x7B-v0.1",
+    "qwen3-30b-a3b": "Qwen/Qwen3-30B-A3B",
+}
+
+
+def model_source(name_or_path: str) -> str:
+    """What a server's --model takes for this config: the repository of a built-in
+    config, else the name or path as given (an embedded model's name, a directory)."""
+    return SOURCES.get(name_or_path, name_or_path)
 
 
 def builtin_configs() -> tuple[str, ...]:

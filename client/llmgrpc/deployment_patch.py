@@ -1,11 +1,12 @@
 """The Kubernetes patch that deploys a planned topology.
 
 One node: a strategic-merge patch of the `llmgrpc` Deployment, shaped like the GPU
-overlays' deployment-patch.yaml (deploy/k8s/overlays/gpu-*), applied on
-deploy/k8s/base with components/nvidia-gpu. Several nodes: a kustomize `patches:`
-entry for the `llmgrpc` LeaderWorkerSet of deploy/k8s/multinode, in JSON6902 form
-(a CRD has no strategic-merge keys, so a merge patch would replace whole container
-lists): the group size and each container's topology flags.
+overlays' deployment-patch.yaml (deploy/k8s/overlays/gpu-*), for deploy/k8s/base
+with components/nvidia-gpu. Several nodes: a kustomize `patches:` entry for the
+`llmgrpc-lws` LeaderWorkerSet of deploy/k8s/multinode, in the JSON6902 shape that
+base documents (a custom resource has no strategic-merge keys: a merge patch would
+replace whole container lists): the group size, both containers' args, resources
+and node affinity, and the worker check's process count.
 
 The engine flags are vLLM's own; `vllm_args` is what `llmgrpc plan` prints.
 """
@@ -20,21 +21,21 @@ from llmgrpc.gpus import GpuType
 from llmgrpc.topology import EP_DP, Topology
 
 GPU_RESOURCE = "nvidia.com/gpu"
-MODEL_CONFIGMAP = "llmgrpc-model"  # the overlays' configMapGenerator: MODEL_ID, SERVED_MODEL_NAME
-LWS_NAME = "llmgrpc"
-LEADER_CONTAINER = "llmgrpc-server"
-WORKER_CONTAINER = "vllm-worker"
-# What the base's server container already runs with (deploy/k8s/base/deployment.yaml).
-MODEL_ARGS = ("--model=$(MODEL_ID)", "--served-model-name=$(SERVED_MODEL_NAME)")
-SERVER_ARGS = ("--port=50051", "--metrics-port=9400", "--drain-timeout=30")
-# Host memory per GPU for loading shards and the engine's buffers, as the gpu-moe overlay.
-CPU_PER_GPU = (6, 12)  # request, limit
-MEMORY_GIB_PER_GPU = 32
-DSHM_GIB = 16  # NCCL and vLLM's message queues use shared memory once there is more than one rank
+LWS_NAME = "llmgrpc-lws"  # deploy/k8s/multinode/leaderworkerset.yaml
+MASTER_PORT = 29501  # the multinode base's rendezvous port
+# The server flags each base runs with; their drain timeouts match the bases'
+# terminationGracePeriodSeconds (70 s single node, 160 s for a LeaderWorkerSet leader).
+DEPLOYMENT_SERVER_ARGS = ("--port=50051", "--metrics-port=9400", "--drain-timeout=30")
+LEADER_SERVER_ARGS = ("--port=50051", "--metrics-port=9400", "--drain-timeout=120")
+GRPC_PORT = 50051
+# Host resources per GPU, as the multi-node overlays size an 8-GPU node.
+CPU_PER_GPU = (8, 12)  # request, limit
+MEMORY_GIB_PER_GPU = (64, 128)
+DSHM_GIB = (16, 64)  # /dev/shm for NCCL and vLLM's queues: one node, a node of a group
 
 
 def vllm_args(t: Topology, native_weight_dtype: str) -> list[str]:
-    """vLLM's engine flags for the topology, as the leader (node rank 0) takes them."""
+    """vLLM's engine flags for the topology; every node of a group takes the same."""
     layout = t.layout
     args = []
     if layout.tp > 1:
@@ -49,21 +50,28 @@ def vllm_args(t: Topology, native_weight_dtype: str) -> list[str]:
         args.append(f"--kv-cache-dtype={t.kv_dtype}")
     args += [
         f"--max-model-len={t.context_len}",
-        f"--gpu-memory-utilization={t.gpu_memory_utilization:g}",
+        f"--gpu-memory-utilization={t.gpu_memory_utilization:.2f}",
     ]
     return args
 
 
-def multinode_args(t: Topology) -> tuple[list[str], list[str]]:
-    """(leader, worker) flags that join the nodes: vLLM's --nnodes/--node-rank launch,
-    wired to LeaderWorkerSet's LWS_LEADER_ADDRESS and LWS_WORKER_INDEX."""
-    common = [f"--nnodes={t.nodes}", "--master-addr=$(LWS_LEADER_ADDRESS)"]
-    return [*common, "--node-rank=0"], [*common, "--node-rank=$(LWS_WORKER_INDEX)", "--headless"]
+def multinode_args() -> tuple[list[str], list[str]]:
+    """(leader, worker) flags joining the group: vLLM's --nnodes/--node-rank launch wired
+    to LeaderWorkerSet's env. vLLM infers a node's data-parallel ranks from its node
+    rank too, so the same flags serve TP x PP and EP/DP groups of any size."""
+    common = [
+        "--nnodes=$(LWS_GROUP_SIZE)",
+        "--master-addr=$(LWS_LEADER_ADDRESS)",
+        f"--master-port={MASTER_PORT}",
+    ]
+    leader = [common[0], "--node-rank=0", *common[1:]]
+    worker = [common[0], "--node-rank=$(LWS_WORKER_INDEX)", *common[1:], "--headless"]
+    return leader, worker
 
 
-def patch(t: Topology, gpu: GpuType, native_weight_dtype: str) -> dict[str, Any]:
+def patch(t: Topology, gpu: GpuType, model: str, served_name: str, native: str) -> dict[str, Any]:
     """{"kind": "Deployment" | "LeaderWorkerSet", "target": where it applies, "yaml": text}."""
-    engine = vllm_args(t, native_weight_dtype)
+    engine = [f"--model={model}", f"--served-model-name={served_name}", *vllm_args(t, native)]
     if t.nodes == 1:
         return {
             "kind": "Deployment",
@@ -81,13 +89,15 @@ def patch(t: Topology, gpu: GpuType, native_weight_dtype: str) -> dict[str, Any]
 def deployment_patch(t: Topology, gpu: GpuType, engine: list[str]) -> dict[str, Any]:
     container: dict[str, Any] = {
         "name": "server",
-        "args": [*MODEL_ARGS, *engine, *SERVER_ARGS],
-        "env": _model_env(),
+        "args": [*engine, *DEPLOYMENT_SERVER_ARGS],
         "resources": _resources(t.gpus_per_node),
     }
-    spec: dict[str, Any] = {"affinity": _gpu_affinity(gpu), "containers": [container]}
+    spec: dict[str, Any] = {
+        "affinity": {"nodeAffinity": _required([_node_term(gpu, t.gpus_per_node)])},
+        "containers": [container],
+    }
     if t.gpus > 1:
-        spec["volumes"] = [_dshm()]
+        spec["volumes"] = [_dshm(DSHM_GIB[0])]
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -97,52 +107,79 @@ def deployment_patch(t: Topology, gpu: GpuType, engine: list[str]) -> dict[str, 
 
 
 def leaderworkerset_patch(t: Topology, gpu: GpuType, engine: list[str]) -> dict[str, Any]:
-    leader, worker = multinode_args(t)
+    leader, worker = multinode_args()
+    # A headless node's vLLM process has one child per GPU (TP x PP) or per DP rank.
+    processes = t.gpus_per_node // (t.layout.tp if t.layout.kind == EP_DP else 1)
+    # vLLM closes the DP handshake port after startup; the leader's gRPC port lives
+    # as long as its engine (the multinode base checks the rendezvous port).
+    leader_port = GRPC_PORT if t.layout.kind == EP_DP else MASTER_PORT
+    check = [
+        "python3",
+        "/etc/llmgrpc-worker-check/worker-check.py",
+        f"--min-workers={processes}",
+        f"--leader-port={leader_port}",
+    ]
     lwt = "/spec/leaderWorkerTemplate"
     ops: list[dict[str, Any]] = [{"op": "replace", "path": f"{lwt}/size", "value": t.nodes}]
     for template, args in (
-        ("leaderTemplate", [*MODEL_ARGS, *engine, *leader, *SERVER_ARGS]),
-        ("workerTemplate", ["$(MODEL_ID)", *engine, *worker]),
+        ("leaderTemplate", [*engine, *leader, *LEADER_SERVER_ARGS]),
+        ("workerTemplate", [*engine, *worker]),
     ):
         pod = f"{lwt}/{template}/spec"
-        resources = _resources(t.gpus_per_node)
+        affinity = f"{pod}/affinity/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution"
+        term = _node_term(gpu, t.gpus_per_node)
         ops += [
-            {"op": "replace", "path": f"{pod}/containers/0/args", "value": args},
-            {"op": "replace", "path": f"{pod}/containers/0/resources", "value": resources},
-            {"op": "replace", "path": f"{pod}/affinity", "value": _gpu_affinity(gpu)},
+            _replace(f"{pod}/containers/0/args", args),
+            _replace(f"{pod}/containers/0/resources", _resources(t.gpus_per_node, storage=True)),
+            _replace(f"{affinity}/nodeSelectorTerms/0/matchExpressions", term["matchExpressions"]),
+            _replace(f"{pod}/volumes/1/emptyDir/sizeLimit", f"{DSHM_GIB[1]}Gi"),  # dshm
         ]
+    worker_probes = f"{lwt}/workerTemplate/spec/containers/0"
+    ops += [
+        _replace(f"{worker_probes}/{probe}/exec/command", check)
+        for probe in ("startupProbe", "livenessProbe")
+    ]
     target = {"group": "leaderworkerset.x-k8s.io", "kind": "LeaderWorkerSet", "name": LWS_NAME}
     return {"target": target, "patch": to_yaml(ops)}
 
 
-def _model_env() -> list[dict[str, Any]]:
-    return [
-        {"name": key, "valueFrom": {"configMapKeyRef": {"name": MODEL_CONFIGMAP, "key": key}}}
-        for key in ("MODEL_ID", "SERVED_MODEL_NAME")
+def _replace(path: str, value: Any) -> dict[str, Any]:
+    return {"op": "replace", "path": path, "value": value}
+
+
+def _resources(gpus: int, *, storage: bool = False) -> dict[str, Any]:
+    """Requests and limits; `storage` restates the base's ephemeral storage, which a
+    JSON6902 replace of the whole block would otherwise drop."""
+    (cpu_request, cpu_limit), (memory_request, memory_limit) = CPU_PER_GPU, MEMORY_GIB_PER_GPU
+    requests: dict[str, Any] = {
+        "cpu": str(cpu_request * gpus),
+        "memory": f"{memory_request * gpus}Gi",
+    }
+    limits: dict[str, Any] = {"cpu": str(cpu_limit * gpus), "memory": f"{memory_limit * gpus}Gi"}
+    if storage:
+        requests["ephemeral-storage"], limits["ephemeral-storage"] = "1Gi", "4Gi"
+    requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = gpus
+    return {"requests": requests, "limits": limits}
+
+
+def _node_term(gpu: GpuType, gpus: int) -> dict[str, Any]:
+    """Nodes of this GPU product (GPU feature discovery's labels) with enough of them."""
+    expressions: list[dict[str, Any]] = [
+        {"key": "nvidia.com/gpu.product", "operator": "In", "values": list(gpu.products)}
     ]
+    if gpus > 1:
+        expressions.append(
+            {"key": "nvidia.com/gpu.count", "operator": "Gt", "values": [str(gpus - 1)]}
+        )
+    return {"matchExpressions": expressions}
 
 
-def _resources(gpus: int) -> dict[str, Any]:
-    cpu_request, cpu_limit = CPU_PER_GPU
-    memory = f"{MEMORY_GIB_PER_GPU * gpus + (DSHM_GIB if gpus > 1 else 0)}Gi"
-    return {
-        "requests": {"cpu": str(cpu_request * gpus), "memory": memory, GPU_RESOURCE: gpus},
-        "limits": {"cpu": str(cpu_limit * gpus), "memory": memory, GPU_RESOURCE: gpus},
-    }
+def _required(terms: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}
 
 
-def _gpu_affinity(gpu: GpuType) -> dict[str, Any]:
-    term = {
-        "matchExpressions": [
-            {"key": "nvidia.com/gpu.product", "operator": "In", "values": list(gpu.products)}
-        ]
-    }
-    required = {"nodeSelectorTerms": [term]}
-    return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": required}}
-
-
-def _dshm() -> dict[str, Any]:
-    return {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{DSHM_GIB}Gi"}}
+def _dshm(gib: int) -> dict[str, Any]:
+    return {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{gib}Gi"}}
 
 
 # --- a small YAML emitter (the client has no YAML dependency) ---------------------------------

@@ -8,7 +8,7 @@ import argparse
 import dataclasses
 from typing import Any
 
-from llmgrpc import deployment_patch, topology
+from llmgrpc import capacity, deployment_patch, topology
 from llmgrpc.architecture import ArchitectureFacts
 from llmgrpc.gpus import GPUS, GpuType, gpu_type
 from llmgrpc.topology import EP_DP, TP_PP, Recommendation, Topology
@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Result:
+    model: str  # what a server's --model takes
+    served_name: str
     gpu: GpuType
     native_weight_dtype: str
     weight_dtype: str
@@ -70,13 +72,17 @@ def plan(args: argparse.Namespace, config: dict[str, Any], facts: ArchitectureFa
         fp8 = topology.recommend(facts, gpu, weight_dtype="fp8", **options).chosen
         if fp8 is not None and (chosen.chosen is None or _size(fp8) < _size(chosen.chosen)):
             alternative = fp8
-    return Result(gpu, native, weight_dtype, reason, chosen, alternative)
+    model = capacity.model_source(args.model)
+    served = args.model if model != args.model else model.rstrip("/").rsplit("/", 1)[-1]
+    return Result(model, served, gpu, native, weight_dtype, reason, chosen, alternative)
 
 
 def _weight_dtype(asked: str | None, native: str, gpu: GpuType) -> tuple[str, str]:
     if asked is not None:
         if asked == "fp8" and not gpu.fp8:
             raise ValueError(f"{gpu.name} has no fp8 support; plan it in bfloat16")
+        if asked in ("int8", "int4"):
+            return asked, "asked for: serve a checkpoint quantized to it (AWQ, GPTQ)"
         return asked, "asked for"
     if native == "fp8" and not gpu.fp8:
         return "bfloat16", f"the checkpoint is fp8, which {gpu.name} cannot run: a bf16 copy"
@@ -109,11 +115,15 @@ def to_json(result: Result) -> dict[str, Any]:
         "fp8_alternative": None
         if result.alternative is None
         else _topology_json(result.alternative, result.native_weight_dtype),
-        "deployment": None
-        if chosen is None
-        else deployment_patch.patch(chosen, result.gpu, result.native_weight_dtype),
+        "deployment": None if chosen is None else _patch(result, chosen),
     }
     return out
+
+
+def _patch(result: Result, t: Topology) -> dict[str, Any]:
+    return deployment_patch.patch(
+        t, result.gpu, result.model, result.served_name, result.native_weight_dtype
+    )
 
 
 def _topology_json(t: Topology, native: str) -> dict[str, Any]:
@@ -160,7 +170,7 @@ def render(result: Result, size: Any) -> list[str]:
             + ("  <- chosen" if t is chosen else "")
         )
     if chosen is not None:
-        patch = deployment_patch.patch(chosen, gpu, result.native_weight_dtype)
+        patch = _patch(result, chosen)
         lines += ["", f"Deployment: {patch['kind']} patch for {patch['target']}", ""]
         lines += patch["yaml"].rstrip("\n").splitlines()
     return lines
