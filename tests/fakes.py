@@ -24,6 +24,8 @@ class FakeEngine:
         self.fail_with: BaseException | None = None
         self.dead = False
         self.adapters = Registry(self._limits.model_names, enabled=False)
+        # Every request that reached generate(), as the servicer handed it over.
+        self.requests: list[domain.GenerationRequest] = []
 
     @property
     def limits(self) -> Limits:
@@ -62,12 +64,14 @@ class FakeEngine:
             text = "".join(f"<{t.role}>{t.content}" for t in request.chat.turns)
         else:
             text = request.prompt or ""
-        return [b % VOCAB for b in text.encode()]
+        return domain.truncate_prompt([b % VOCAB for b in text.encode()],
+                                      request.truncate_prompt_tokens)  # fmt: skip
 
     async def generate(self, request: domain.GenerationRequest) -> AsyncIterator[domain.Delta]:
         if request.deadline is not None and asyncio.get_running_loop().time() < 0:
             raise DeadlineExceeded("never")
         self.check_model(request.adapter)
+        self.requests.append(request)
         ids = self._ids(request)
         if len(ids) >= self._limits.max_model_len:
             raise PromptTooLong("prompt", self._limits.max_model_len - 1, len(ids))

@@ -1,13 +1,13 @@
 """`llmgrpc`: the command-line client.
 
-    llmgrpc generate "Hello" --stream --max-tokens 32
-    llmgrpc generate "Hello" --model tiny-llama-gqa-lora-a
-    llmgrpc tokenize "Hello world"
-    llmgrpc info
-    llmgrpc health
-    llmgrpc chat --system "Be brief."
-    llmgrpc adapters list --token-file admin.token
-    llmgrpc plan llama-3.1-70b --gpu-memory-gib 80 --tp 2
+llmgrpc generate "Hello" --stream --max-tokens 32
+llmgrpc generate "Hello" --model tiny-llama-gqa-lora-a
+llmgrpc tokenize "Hello world"
+llmgrpc info
+llmgrpc health
+llmgrpc chat --system "Be brief."
+llmgrpc adapters list --token-file admin.token
+llmgrpc plan llama-3.1-70b --gpu-memory-gib 80 --tp 2
 """
 
 from __future__ import annotations
@@ -90,8 +90,50 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     return kw
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def _logit_bias(pairs: list[str] | None) -> dict[int, float]:
+    """--logit-bias ID=BIAS flags as a map."""
+    bias = {}
+    for pair in pairs or ():
+        token, sep, value = pair.partition("=")
+        try:
+            bias[int(token)] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise SystemExit(f"llmgrpc: --logit-bias takes TOKEN_ID=BIAS, got {pair!r}")
+    return bias
+
+
+def _generation_args(p: argparse.ArgumentParser) -> None:
+    """generate's flags beyond the shared sampling ones."""
+    p.add_argument("--logprobs", type=int)
+    p.add_argument("--truncate-prompt-tokens", type=int, metavar="K",
+                   help="keep only the last K prompt tokens")  # fmt: skip
+    p.add_argument("--logit-bias", action="append", metavar="ID=BIAS",
+                   help="add BIAS to token ID's logit (repeatable)")  # fmt: skip
+    p.add_argument("--allowed-token-id", action="append", type=int, metavar="ID",
+                   dest="allowed_token_ids", help="only these tokens may be generated "
+                   "(repeatable)")  # fmt: skip
+    p.add_argument("--bad-word", action="append", dest="bad_words", metavar="WORD",
+                   help="a word that must not be generated (repeatable)")  # fmt: skip
+    p.add_argument("--request-id", default="", help="the request's id (default: the server's)")
+
+
+def _generation(args: argparse.Namespace) -> dict[str, Any]:
     kw = _sampling(args)
+    if args.truncate_prompt_tokens is not None:
+        kw["truncate_prompt_tokens"] = args.truncate_prompt_tokens
+    if args.logit_bias:
+        kw["logit_bias"] = _logit_bias(args.logit_bias)
+    for name in ("allowed_token_ids", "bad_words"):
+        if getattr(args, name):
+            kw[name] = getattr(args, name)
+    kw["request_id"] = args.request_id
+    return kw
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    kw = _generation(args)
     if args.json_schema:
         kw["json_schema"] = Path(args.json_schema).read_text()
     if args.regex:
@@ -125,12 +167,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        resp = client.tokenize(args.text, model=args.model)
+        resp = client.tokenize(args.text, model=args.model,
+                               truncate_prompt_tokens=args.truncate_prompt_tokens)  # fmt: skip
     if args.json:
         _print_json(resp)
         return 0
     for tid, tok, off in zip(resp.token_ids, resp.tokens, resp.offsets, strict=True):
-        print(f"{tid:>8}  {tok!r:<20} [{off.start}, {off.end})  {resp.text[off.start:off.end]!r}")
+        print(f"{tid:>8}  {tok!r:<20} [{off.start}, {off.end})  {resp.text[off.start : off.end]!r}")
     print(f"{len(resp.token_ids)} tokens (max_model_len {resp.max_model_len})")
     return 0
 
@@ -214,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
     _model_arg(g)
     _sampling_args(g)
-    g.add_argument("--logprobs", type=int)
+    _generation_args(g)
     g.add_argument("--json-schema", help="file with a JSON schema the output must follow")
     g.add_argument("--regex")
     g.add_argument("--choice", action="append")
@@ -227,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tokenize", help="show token ids, strings and offsets")
     t.add_argument("text")
     _model_arg(t)
+    t.add_argument("--truncate-prompt-tokens", type=int, metavar="K",
+                   help="keep only the last K tokens")  # fmt: skip
     t.add_argument("--json", action="store_true")
     _connection_args(t)
     t.set_defaults(func=cmd_tokenize)

@@ -96,12 +96,16 @@ def generate_request(
     choice: Sequence[str] | None = None,
     grammar: str | None = None,
     model: str = "",
+    truncate_prompt_tokens: int | None = None,
     **sampling: Any,
 ) -> pb.GenerateRequest:
-    """Build a GenerateRequest; `sampling` takes SamplingParams field names."""
+    """Build a GenerateRequest; `sampling` takes SamplingParams field names
+    (e.g. n, prompt_logprobs, logit_bias={id: bias}, allowed_token_ids, bad_words)."""
     req = pb.GenerateRequest(
         request_id=request_id, model=model, sampling=pb.SamplingParams(**sampling)
     )
+    if truncate_prompt_tokens is not None:
+        req.truncate_prompt_tokens = truncate_prompt_tokens
     if prompt is not None:
         req.prompt = prompt
     elif prompt_token_ids is not None:
@@ -133,8 +137,11 @@ def tokenize_request(
     messages: Sequence[tuple[str, str] | dict[str, str]] | None = None,
     add_special_tokens: bool | None = None,
     model: str = "",
+    truncate_prompt_tokens: int | None = None,
 ) -> pb.TokenizeRequest:
     req = pb.TokenizeRequest(model=model)
+    if truncate_prompt_tokens is not None:
+        req.truncate_prompt_tokens = truncate_prompt_tokens
     if messages is not None:
         req.chat.CopyFrom(chat_input(messages))
     else:
@@ -172,8 +179,10 @@ class _BlockingChannel:
     def close(self) -> None:
         self.channel.close()
 
-    def _kw(self, timeout: float | None) -> dict[str, Any]:
-        return {"timeout": timeout or self.timeout, "metadata": self.security.metadata()}
+    def _kw(self, timeout: float | None, metadata: Sequence[tuple[str, str]] = ()
+            ) -> dict[str, Any]:  # fmt: skip
+        return {"timeout": timeout or self.timeout,
+                "metadata": (*self.security.metadata(), *metadata)}  # fmt: skip
 
 
 class Client(_BlockingChannel):
@@ -191,15 +200,20 @@ class Client(_BlockingChannel):
         self.stub = pb_grpc.LLMServiceStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
-    def generate(self, prompt: str | None = None, *, timeout: float | None = None, **kw: Any
+    def generate(self, prompt: str | None = None, *, timeout: float | None = None,
+                 metadata: Sequence[tuple[str, str]] = (), **kw: Any
                  ) -> pb.GenerateResponse:  # fmt: skip
-        return self.stub.Generate(generate_request(prompt, **kw), **self._kw(timeout))
+        """`metadata`: extra call metadata, e.g. ("x-request-id", id) or a W3C
+        ("traceparent", ...) to continue the caller's trace."""
+        return self.stub.Generate(generate_request(prompt, **kw), **self._kw(timeout, metadata))
 
-    def stream(self, prompt: str | None = None, *, timeout: float | None = None, **kw: Any
+    def stream(self, prompt: str | None = None, *, timeout: float | None = None,
+               metadata: Sequence[tuple[str, str]] = (), **kw: Any
                ) -> Iterator[pb.GenerateResponse]:  # fmt: skip
         """Yield deltas; the last one has finish_reason and usage. Closing
         the iterator early cancels the call (and the engine request)."""
-        call = self.stub.GenerateStream(generate_request(prompt, **kw), **self._kw(timeout))
+        call = self.stub.GenerateStream(generate_request(prompt, **kw),
+                                        **self._kw(timeout, metadata))  # fmt: skip
         try:
             yield from call
         finally:
@@ -220,7 +234,7 @@ class Client(_BlockingChannel):
         return self.stub.GetModelInfo(pb.GetModelInfoRequest(), **self._kw(timeout))
 
     def health(self, service: str = SERVICE_NAME, *, timeout: float | None = 5.0) -> str:
-        """"SERVING", "NOT_SERVING", "SERVICE_UNKNOWN"... for `service`."""
+        """ "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN"... for `service`."""
         resp = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service),
                                       timeout=timeout)  # fmt: skip
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
@@ -300,16 +314,22 @@ class AsyncClient:
     async def close(self) -> None:
         await self.channel.close()
 
-    def _kw(self, timeout: float | None) -> dict[str, Any]:
-        return {"timeout": timeout or self.timeout, "metadata": self.security.metadata()}
+    def _kw(self, timeout: float | None, metadata: Sequence[tuple[str, str]] = ()
+            ) -> dict[str, Any]:  # fmt: skip
+        return {"timeout": timeout or self.timeout,
+                "metadata": (*self.security.metadata(), *metadata)}  # fmt: skip
 
     async def generate(self, prompt: str | None = None, *, timeout: float | None = None,
-                       **kw: Any) -> pb.GenerateResponse:  # fmt: skip
-        return await self.stub.Generate(generate_request(prompt, **kw), **self._kw(timeout))
+                       metadata: Sequence[tuple[str, str]] = (), **kw: Any
+                       ) -> pb.GenerateResponse:  # fmt: skip
+        return await self.stub.Generate(generate_request(prompt, **kw),
+                                        **self._kw(timeout, metadata))  # fmt: skip
 
     async def stream(self, prompt: str | None = None, *, timeout: float | None = None,
-                     **kw: Any) -> AsyncIterator[pb.GenerateResponse]:  # fmt: skip
-        call = self.stub.GenerateStream(generate_request(prompt, **kw), **self._kw(timeout))
+                     metadata: Sequence[tuple[str, str]] = (), **kw: Any
+                     ) -> AsyncIterator[pb.GenerateResponse]:  # fmt: skip
+        call = self.stub.GenerateStream(generate_request(prompt, **kw),
+                                        **self._kw(timeout, metadata))  # fmt: skip
         try:
             async for msg in call:
                 yield msg

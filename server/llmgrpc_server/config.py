@@ -38,6 +38,10 @@ SIZE_CAP_FLAGS = (
     ("--max-chat-messages", "max_chat_messages"),
     ("--max-tokenize-chars", "max_tokenize_chars"),
     ("--max-detokenize-tokens", "max_detokenize_tokens"),
+    ("--max-logit-bias", "max_logit_bias"),
+    ("--max-allowed-token-ids", "max_allowed_token_ids"),
+    ("--max-bad-words", "max_bad_words"),
+    ("--max-bad-word-chars", "max_bad_word_chars"),
 )
 _SIZE_CAP_HELP = {
     "max_stop_strings": "stop strings in one request",
@@ -49,6 +53,10 @@ _SIZE_CAP_HELP = {
     "max_chat_messages": "chat messages in one request",
     "max_tokenize_chars": "characters Tokenize accepts (text, or all chat contents)",
     "max_detokenize_tokens": "token ids Detokenize accepts",
+    "max_logit_bias": "sampling.logit_bias entries in one request",
+    "max_allowed_token_ids": "sampling.allowed_token_ids in one request",
+    "max_bad_words": "sampling.bad_words in one request",
+    "max_bad_word_chars": "characters in one of sampling.bad_words",
 }
 
 
@@ -75,6 +83,10 @@ class ServerConfig:
     max_chat_messages: int = SizeCaps.max_chat_messages
     max_tokenize_chars: int = SizeCaps.max_tokenize_chars
     max_detokenize_tokens: int = SizeCaps.max_detokenize_tokens
+    max_logit_bias: int = SizeCaps.max_logit_bias
+    max_allowed_token_ids: int = SizeCaps.max_allowed_token_ids
+    max_bad_words: int = SizeCaps.max_bad_words
+    max_bad_word_chars: int = SizeCaps.max_bad_word_chars
     # With vLLM's CPU backend: keep the front end off the worker's cores.
     # Opt-in: docs/deploy.md, "CPU placement".
     pin_front_end: bool = False

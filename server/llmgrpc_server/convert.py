@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from typing import Any
 
 from llmgrpc.v1 import llm_service_pb2 as pb
@@ -36,17 +38,21 @@ def requested_adapter(name: str, limits: Limits) -> str | None:
 
 def to_generation_request(
     msg: pb.GenerateRequest, limits: Limits, deadline: float | None = None,
-    received: float | None = None,
+    received: float | None = None, metadata: Iterable[tuple[str, str | bytes]] = (),
 ) -> domain.GenerationRequest:
+    """The domain request; `metadata` is the call's (x-request-id, trace context)."""
     adapter = requested_adapter(msg.model, limits)
-    if len(msg.request_id) > limits.max_request_id_len:
+    metadata = tuple(metadata)
+    request_id = msg.request_id or _metadata_value(metadata, REQUEST_ID_KEY)
+    if len(request_id) > limits.max_request_id_len:
+        field = "request_id" if msg.request_id else REQUEST_ID_KEY
         raise InvalidArgument(
-            "request_id",
-            f"at most {limits.max_request_id_len} characters, got {len(msg.request_id)}",
+            field, f"at most {limits.max_request_id_len} characters, got {len(request_id)}"
         )
-    prompt, token_ids, chat = _input(msg, limits)
+    truncate = _truncation(msg, limits)
+    prompt, token_ids, chat = _input(msg, limits, truncate)
     return domain.GenerationRequest(
-        request_id=msg.request_id or uuid.uuid4().hex,
+        request_id=request_id or uuid.uuid4().hex,
         prompt=prompt,
         prompt_token_ids=token_ids,
         chat=chat,
@@ -57,11 +63,77 @@ def to_generation_request(
         deadline=deadline,
         received=received,
         adapter=adapter,
+        truncate_prompt_tokens=truncate,
+        trace_headers=trace_headers(metadata),
     )
 
 
+# --- call metadata ------------------------------------------------------------
+
+# The request id a proxy or caller sets, used when the message's own is empty,
+# and echoed in the answer's initial metadata.
+REQUEST_ID_KEY = "x-request-id"
+# W3C Trace Context, version 00: 55 characters of lowercase hex and dashes.
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+# W3C: a tracestate of 32 members of at most 256 characters; vendors may drop
+# one over 512 characters rather than carry it.
+MAX_TRACESTATE_CHARS = 512
+
+
+def _metadata_values(metadata: Iterable[tuple[str, str | bytes]], key: str) -> list[str]:
+    return [v if isinstance(v, str) else v.decode("latin-1") for k, v in metadata if k == key]
+
+
+def _metadata_value(metadata: Iterable[tuple[str, str | bytes]], key: str) -> str:
+    values = _metadata_values(metadata, key)
+    return values[0] if values else ""
+
+
+def trace_headers(metadata: Iterable[tuple[str, str | bytes]]) -> tuple[tuple[str, str], ...]:
+    """The caller's W3C trace context to hand the engine (vLLM's trace_headers).
+
+    As W3C Trace Context says: a missing, repeated or malformed `traceparent`
+    (or one with an all-zero trace or parent id, or version ff) means no
+    context, and `tracestate` is not read without one; a `tracestate` over
+    512 characters is dropped. Nothing here fails the call."""
+    metadata = tuple(metadata)
+    parents = _metadata_values(metadata, "traceparent")
+    if len(parents) != 1 or not _valid_traceparent(parents[0]):
+        return ()
+    headers = [("traceparent", parents[0])]
+    state = ",".join(_metadata_values(metadata, "tracestate"))
+    if state and len(state) <= MAX_TRACESTATE_CHARS:
+        headers.append(("tracestate", state))
+    return tuple(headers)
+
+
+def _valid_traceparent(value: str) -> bool:
+    if not _TRACEPARENT.fullmatch(value):
+        return False
+    version, trace_id, parent_id, _ = value.split("-")
+    return version != "ff" and trace_id != "0" * 32 and parent_id != "0" * 16
+
+
+def _truncation(msg: pb.GenerateRequest | pb.TokenizeRequest, limits: Limits | None) -> int | None:
+    """truncate_prompt_tokens, checked: >= 1 and, for generation, within the prompt limit."""
+    if not msg.HasField("truncate_prompt_tokens"):
+        return None
+    keep = msg.truncate_prompt_tokens
+    if keep < 1:
+        raise InvalidArgument(
+            "truncate_prompt_tokens", "must be >= 1; leave it unset to keep the whole prompt"
+        )
+    if limits is not None and keep > limits.max_prompt_tokens:
+        raise InvalidArgument(
+            "truncate_prompt_tokens",
+            f"{keep} exceeds {domain.prompt_limit_source(limits)} of "
+            f"{limits.max_prompt_tokens} prompt tokens",
+        )
+    return keep
+
+
 def _input(
-    msg: pb.GenerateRequest, limits: Limits
+    msg: pb.GenerateRequest, limits: Limits, truncate: int | None
 ) -> tuple[str | None, tuple[int, ...] | None, domain.Chat | None]:
     kind = msg.WhichOneof("input")
     if kind is None:
@@ -74,6 +146,8 @@ def _input(
         ids = tuple(msg.prompt_token_ids.ids)
         if not ids:
             raise InvalidArgument("prompt_token_ids.ids", "must not be empty")
+        if truncate is not None and len(ids) > truncate:
+            ids = ids[-truncate:]  # before the length check, as for text and chat
         check_prompt_length("prompt_token_ids", len(ids), limits)
         check_token_ids("prompt_token_ids.ids", ids, limits.vocab_size)
         return None, ids, None
@@ -137,6 +211,21 @@ def to_tokenize_input(
     _check_count("text", len(msg.text), "characters", cap, "--max-tokenize-chars")
     domain.check_tokenize_answer("text", msg.text, limits)
     return msg.text, None, add_special
+
+
+def tokenize_truncation(msg: pb.TokenizeRequest) -> int | None:
+    """TokenizeRequest.truncate_prompt_tokens, checked (>= 1; None: keep all)."""
+    return _truncation(msg, None)
+
+
+def truncate_tokenized(tokenized: domain.Tokenized, keep: int | None) -> domain.Tokenized:
+    """The last `keep` tokens with their strings and offsets; the text stays whole."""
+    if keep is None or len(tokenized.token_ids) <= keep:
+        return tokenized
+    return replace(
+        tokenized, token_ids=tokenized.token_ids[-keep:], tokens=tokenized.tokens[-keep:],
+        offsets=tokenized.offsets[-keep:],
+    )  # fmt: skip
 
 
 # Objects and arrays inside each other in a JSON schema: real schemas stay far
@@ -237,7 +326,45 @@ def to_sampling(msg: pb.SamplingParams, limits: Limits) -> domain.Sampling:  # n
     for flag in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
         if msg.HasField(flag):
             kw[flag] = getattr(msg, flag)
+    kw.update(_token_constraints(msg, limits))
     return domain.Sampling(**{**s.__dict__, **kw})  # type: ignore[arg-type]
+
+
+# vLLM's OpenAI server clamps logit_bias values to this range (OpenAI's own).
+MAX_LOGIT_BIAS = 100.0
+
+
+def _token_constraints(msg: pb.SamplingParams, limits: Limits) -> dict[str, object]:
+    """logit_bias, allowed_token_ids and bad_words, within the server's caps."""
+    caps = limits.caps
+    kw: dict[str, object] = {}
+    _check_count("sampling.logit_bias", len(msg.logit_bias), "entries", caps.max_logit_bias,
+                 "--max-logit-bias")  # fmt: skip
+    bias = []
+    for token, value in sorted(msg.logit_bias.items()):
+        field = f"sampling.logit_bias[{token}]"
+        if token >= limits.vocab_size:
+            raise InvalidArgument(
+                field, f"token id {token} is outside the vocabulary (size {limits.vocab_size})"
+            )
+        if not math.isfinite(value):
+            raise InvalidArgument(field, f"must be a finite number, got {value}")
+        bias.append((token, min(MAX_LOGIT_BIAS, max(-MAX_LOGIT_BIAS, value))))
+    kw["logit_bias"] = tuple(bias)
+    allowed = list(msg.allowed_token_ids)
+    _check_count("sampling.allowed_token_ids", len(allowed), "token ids",
+                 caps.max_allowed_token_ids, "--max-allowed-token-ids")  # fmt: skip
+    check_token_ids("sampling.allowed_token_ids", allowed, limits.vocab_size)
+    kw["allowed_token_ids"] = tuple(allowed) if allowed else None
+    _check_count("sampling.bad_words", len(msg.bad_words), "bad words", caps.max_bad_words,
+                 "--max-bad-words")  # fmt: skip
+    for i, word in enumerate(msg.bad_words):
+        if not word.strip():
+            raise InvalidArgument(f"sampling.bad_words[{i}]", "must not be empty or blank")
+        _check_count(f"sampling.bad_words[{i}]", len(word), "characters",
+                     caps.max_bad_word_chars, "--max-bad-word-chars")  # fmt: skip
+    kw["bad_words"] = tuple(msg.bad_words)
+    return kw
 
 
 def _stop_strings(msg: pb.SamplingParams, limits: Limits) -> tuple[str, ...]:

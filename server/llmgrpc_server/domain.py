@@ -53,6 +53,11 @@ class Sampling:
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # (token id, bias) pairs, ids in the vocabulary, biases finite.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # None: any token may be generated.
+    allowed_token_ids: tuple[int, ...] | None = None
+    bad_words: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,10 @@ class GenerationRequest:
     received: float | None = None
     # The LoRA adapter the request names in `model` (None: the base model).
     adapter: str | None = None
+    # Keep only the last k prompt tokens, before any length check (None: all).
+    truncate_prompt_tokens: int | None = None
+    # The caller's W3C trace context (traceparent, tracestate), for the engine.
+    trace_headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -205,6 +214,13 @@ class SizeCaps:
     max_chat_messages: int = 1_024
     max_tokenize_chars: int = 131_072
     max_detokenize_tokens: int = 65_536
+    # OpenAI's own cap on logit_bias entries.
+    max_logit_bias: int = 300
+    max_allowed_token_ids: int = 4_096
+    # vLLM bans each word with and without a leading space: 64 words stay
+    # within its VLLM_MAX_NUM_BAD_WORDS of 128 token sequences.
+    max_bad_words: int = 64
+    max_bad_word_chars: int = 256
     max_message_bytes: int = 16 * 1024 * 1024
 
 
@@ -298,14 +314,20 @@ def _smaller(model_limit: int, cap: int | None) -> int:
     return model_limit if cap is None else min(model_limit, cap)
 
 
+def truncate_prompt(ids: list[int], keep: int | None) -> list[int]:
+    """The last `keep` of `ids` (vLLM's truncate_prompt_tokens); all when None."""
+    return ids if keep is None or len(ids) <= keep else ids[-keep:]
+
+
 def check_prompt_length(field: str, num_tokens: int, limits: Limits) -> None:
     """PromptTooLong (with the limit and the actual length) past the prompt limit."""
     if num_tokens > limits.max_prompt_tokens:
         limit = limits.max_prompt_tokens
-        raise PromptTooLong(field, limit, num_tokens, by=_prompt_limit_source(limits))
+        raise PromptTooLong(field, limit, num_tokens, by=prompt_limit_source(limits))
 
 
-def _prompt_limit_source(limits: Limits) -> str:
+def prompt_limit_source(limits: Limits) -> str:
+    """What sets the prompt limit: the operator's flag or the model's context."""
     capped = limits.max_prompt_tokens_cap is not None and (
         limits.max_prompt_tokens_cap < limits.max_model_len - 1
     )

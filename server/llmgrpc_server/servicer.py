@@ -50,19 +50,25 @@ class LLMServicer(pb_grpc.LLMServiceServicer):
             raise Unavailable("the model is still loading; retry shortly")
         return self._engine
 
-    def _request(
+    async def _request(
         self, msg: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> domain.GenerationRequest:
         # Received now, before validation and admission: TTFT counts from here.
         received = time.monotonic()
         remaining = context.time_remaining()
         deadline = None if remaining is None else received + remaining
-        return convert.to_generation_request(msg, self.engine.limits, deadline, received)
+        metadata = context.invocation_metadata() or ()
+        req = convert.to_generation_request(
+            msg, self.engine.limits, deadline, received, metadata
+        )
+        # The id in use (given, from x-request-id, or generated), for proxies and logs.
+        await context.send_initial_metadata(((convert.REQUEST_ID_KEY, req.request_id),))
+        return req
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
-        req = self._request(request, context)
+        req = await self._request(request, context)
         domain.check_generate_answer(req, self.engine.limits, policy.DEFAULT_MAX_TOKENS)
         async with self._admission.admit():
             deltas = [d async for d in self._counted(req, "Generate")]
@@ -71,7 +77,7 @@ class LLMServicer(pb_grpc.LLMServiceServicer):
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
-        req = self._request(request, context)
+        req = await self._request(request, context)
         async with self._admission.admit():
             with self._metrics.active_stream():
                 async for delta in self._counted(req, "GenerateStream"):
@@ -95,7 +101,8 @@ class LLMServicer(pb_grpc.LLMServiceServicer):
         # Adapters share the base model's tokenizer: the name is only checked.
         engine.check_model(convert.requested_adapter(request.model, engine.limits))
         text, chat, add_special = convert.to_tokenize_input(request, engine.limits)
-        tokenized = await engine.tokenize(text, chat, add_special)
+        keep = convert.tokenize_truncation(request)
+        tokenized = convert.truncate_tokenized(await engine.tokenize(text, chat, add_special), keep)
         # One message per offset: a slice per loop turn, other calls answered between.
         msg = convert.tokenize_response_head(tokenized)
         for _ in convert.add_offsets(msg, tokenized.offsets, policy.TOKENS_PER_LOOP_TURN):

@@ -163,7 +163,7 @@ class VllmEngine:
             try:
                 async for output in self._llm.generate(
                     TokensPrompt(prompt_token_ids=prompt_ids), params, request_id,
-                    lora_request=adapter,
+                    lora_request=adapter, **self._request_options(request),
                 ):
                     yield stream.delta(output)
             except (asyncio.CancelledError, GeneratorExit):
@@ -213,6 +213,21 @@ class VllmEngine:
         return prompt_ids, params
 
     async def _abort_quietly(self, request_id: str) -> None:
+    def _request_options(self, request: domain.GenerationRequest) -> dict[str, Any]:
+        """AsyncLLM.generate's keyword arguments beyond the prompt and sampling,
+        those the request sets (the others keep vLLM's defaults)."""
+        options: dict[str, Any] = {}
+        if (headers := self._trace_headers(request)) is not None:
+            options["trace_headers"] = headers
+        return options
+
+    def _trace_headers(self, request: domain.GenerationRequest) -> dict[str, str] | None:
+        # vLLM drops them, with a warning per request, unless it exports traces
+        # itself (--otlp-traces-endpoint).
+        if not request.trace_headers or not self._llm.observability_config.otlp_traces_endpoint:
+            return None
+        return dict(request.trace_headers)
+
         try:
             await asyncio.shield(self._llm.abort(request_id))
         except Exception:  # the engine may already be gone
@@ -311,6 +326,7 @@ class VllmEngine:
         else:
             ids, field = list(self._tokenizer.encode(request.prompt or "")), "prompt"
         check_prompt_length(field, len(ids), self._limits)
+        ids = domain.truncate_prompt(ids, request.truncate_prompt_tokens)  # before the check
         return ids
 
 

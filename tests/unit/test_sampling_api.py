@@ -1,0 +1,285 @@
+"""Issue 15's request fields on a real gRPC server with the fake engine: prompt
+truncation, token constraints, request metadata (x-request-id, W3C trace
+context). Every validation's status code and message; that a refused request
+never reaches the engine; what reaches it when served. The real engine:
+tests/integration/test_sampling_api.py."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any
+
+import grpc
+import pytest
+from llmgrpc import AsyncClient
+from llmgrpc.client import generate_request, tokenize_request
+from llmgrpc.v1 import llm_service_pb2 as pb
+from llmgrpc_server import convert, domain
+from llmgrpc_server.config import ServerConfig
+from llmgrpc_server.vllm_adapter.engine import VllmEngine
+from llmgrpc_server.vllm_adapter.sampling import to_sampling_params
+
+from tests.fake_server import FakeServer, start_fake
+from tests.fakes import VOCAB
+
+Code = grpc.StatusCode
+CAPS = {"max_logit_bias": 2, "max_allowed_token_ids": 3, "max_bad_words": 2,
+        "max_bad_word_chars": 5}  # fmt: skip
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+@pytest.fixture
+async def srv() -> AsyncIterator[FakeServer]:
+    config = ServerConfig(host="127.0.0.1", port=0, metrics_port=-1, **CAPS)
+    server = await start_fake(config)
+    server.engine._limits = domain.Limits(  # the fake engine with the config's caps
+        vocab_size=VOCAB, max_model_len=64, model_names=("fake",), caps=config.size_caps()
+    )
+    yield server
+    await server.running.server.stop(grace=0)
+
+
+@pytest.fixture
+async def api(srv: FakeServer) -> AsyncIterator[AsyncClient]:
+    async with AsyncClient(srv.target) as client:
+        yield client
+
+
+async def _refused(client: AsyncClient, prompt: str | None = "hi", **kw: Any) -> str:
+    """The INVALID_ARGUMENT message of a Generate and of a GenerateStream (the same)."""
+    messages = []
+    for streamed in (False, True):
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            if streamed:
+                _ = [d async for d in client.stream(prompt, **kw)]
+            else:
+                await client.generate(prompt, **kw)
+        assert e.value.code() == Code.INVALID_ARGUMENT, e.value.details()
+        messages.append(e.value.details())
+    assert messages[0] == messages[1]
+    return messages[0]
+
+
+# --- truncation -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "input_kw",
+    [{"prompt": "x" * 200},  # tokens are bytes: 200 tokens, the context is 64
+     {"prompt": None, "prompt_token_ids": list(range(100))},
+     {"prompt": None, "messages": [("user", "y" * 150)]}],
+)  # fmt: skip
+async def test_a_prompt_longer_than_the_context_is_served_truncated(
+    srv: FakeServer, api: AsyncClient, input_kw: dict[str, Any]
+) -> None:
+    prompt = input_kw.pop("prompt")
+    message = await _refused(api, prompt, max_tokens=2, **input_kw)
+    assert "exceed the model's limit of 63" in message  # truncation is opt-in
+    answer = await api.generate(prompt, max_tokens=2, truncate_prompt_tokens=10, **input_kw)
+    assert answer.usage.prompt_tokens == 10
+    request = srv.engine.requests[-1]
+    assert request.truncate_prompt_tokens == 10
+    if "prompt_token_ids" in input_kw:  # cut in conversion: the last 10 ids
+        assert request.prompt_token_ids == tuple(range(90, 100))
+
+
+async def test_truncation_keeps_the_last_tokens_of_a_short_prompt_whole(
+    srv: FakeServer, api: AsyncClient
+) -> None:
+    answer = await api.generate(prompt_token_ids=[5, 6, 7], max_tokens=3, truncate_prompt_tokens=10)
+    assert answer.usage.prompt_tokens == 3
+    assert srv.engine.requests[-1].prompt_token_ids == (5, 6, 7)
+
+
+@pytest.mark.parametrize(
+    ("keep", "message"),
+    [(0, "truncate_prompt_tokens: must be >= 1; leave it unset to keep the whole prompt"),
+     (64, "truncate_prompt_tokens: 64 exceeds the model's limit of 63 prompt tokens")],
+)  # fmt: skip
+async def test_a_bad_truncation_is_invalid_argument(
+    srv: FakeServer, api: AsyncClient, keep: int, message: str
+) -> None:
+    assert await _refused(api, "hi", truncate_prompt_tokens=keep) == message
+    assert not srv.engine.requests
+
+
+async def test_truncation_names_the_servers_prompt_cap() -> None:
+    limits = domain.Limits(vocab_size=VOCAB, max_model_len=64).capped(8, None)
+    msg = generate_request("hi", truncate_prompt_tokens=9)
+    with pytest.raises(convert.InvalidArgument) as e:
+        convert.to_generation_request(msg, limits)
+    assert e.value.message == (
+        "truncate_prompt_tokens: 9 exceeds the server's --max-prompt-tokens of 8 prompt tokens"
+    )
+
+
+async def test_tokenize_truncation_keeps_the_last_tokens_and_the_whole_text(
+    api: AsyncClient,
+) -> None:
+    whole = await api.tokenize("abcdef")
+    cut = await api.tokenize("abcdef", truncate_prompt_tokens=2)
+    assert list(cut.token_ids) == list(whole.token_ids)[-2:]
+    assert list(cut.tokens) == ["e", "f"]
+    assert [(o.start, o.end) for o in cut.offsets] == [(4, 5), (5, 6)]
+    assert cut.text == "abcdef"
+    assert (await api.tokenize("ab", truncate_prompt_tokens=5)).token_ids == whole.token_ids[:2]
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await api.tokenize("ab", truncate_prompt_tokens=0)
+    assert e.value.code() == Code.INVALID_ARGUMENT
+    assert e.value.details().startswith("truncate_prompt_tokens: must be >= 1")
+
+
+# --- token constraints ------------------------------------------------------------
+
+
+async def test_token_constraints_reach_the_engine(srv: FakeServer, api: AsyncClient) -> None:
+    await api.generate("hi", max_tokens=1, logit_bias={9: 500.0, 3: -200.0},
+                       allowed_token_ids=[1, 2, 3], bad_words=["no", " nope"])  # fmt: skip
+    sampling = srv.engine.requests[-1].sampling
+    # Sorted by id; clamped to [-100, 100] as vLLM's OpenAI server does.
+    assert sampling.logit_bias == ((3, -100.0), (9, 100.0))
+    assert sampling.allowed_token_ids == (1, 2, 3)
+    assert sampling.bad_words == ("no", " nope")
+    await api.generate("hi", max_tokens=1)
+    unconstrained = srv.engine.requests[-1].sampling
+    assert (unconstrained.logit_bias, unconstrained.allowed_token_ids, unconstrained.bad_words) == (
+        (), None, ())
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"logit_bias": {1: 0.0, VOCAB: 1.0}},
+         f"sampling.logit_bias[{VOCAB}]: token id {VOCAB} is outside the vocabulary (size {VOCAB})"),
+        ({"logit_bias": {4: math.nan}}, "sampling.logit_bias[4]: must be a finite number, got nan"),
+        ({"logit_bias": {4: math.inf}}, "sampling.logit_bias[4]: must be a finite number, got inf"),
+        ({"logit_bias": {1: 1.0, 2: 1.0, 3: 1.0}},
+         "sampling.logit_bias: 3 entries exceed the server's --max-logit-bias of 2"),
+        ({"allowed_token_ids": [1, VOCAB + 5]},
+         f"sampling.allowed_token_ids[1]: token id {VOCAB + 5} is outside the vocabulary "
+         f"(size {VOCAB})"),
+        ({"allowed_token_ids": [1, 2, 3, 4]},
+         "sampling.allowed_token_ids: 4 token ids exceed the server's --max-allowed-token-ids of 3"),
+        ({"bad_words": ["a", "b", "c"]},
+         "sampling.bad_words: 3 bad words exceed the server's --max-bad-words of 2"),
+        ({"bad_words": ["a", "x" * 6]},
+         "sampling.bad_words[1]: 6 characters exceed the server's --max-bad-word-chars of 5"),
+        ({"bad_words": ["  "]}, "sampling.bad_words[0]: must not be empty or blank"),
+        ({"bad_words": [""]}, "sampling.bad_words[0]: must not be empty or blank"),
+    ],
+)  # fmt: skip
+async def test_bad_token_constraints_are_invalid_argument_before_the_engine(
+    srv: FakeServer, api: AsyncClient, kw: dict[str, Any], message: str
+) -> None:
+    assert await _refused(api, "hi", max_tokens=1, **kw) == message
+    assert not srv.engine.requests
+
+
+async def test_token_constraints_at_their_caps_are_served(srv: FakeServer, api: AsyncClient
+                                                          ) -> None:  # fmt: skip
+    await api.generate("hi", max_tokens=1, logit_bias={0: 1.0, VOCAB - 1: -1.0},
+                       allowed_token_ids=[0, 1, VOCAB - 1], bad_words=["abcde", "x"])  # fmt: skip
+    assert len(srv.engine.requests) == 1
+
+
+def test_token_constraints_become_vllms_sampling_params() -> None:
+    limits = domain.Limits(vocab_size=VOCAB, max_model_len=64)
+    msg = generate_request("hi", max_tokens=2, logit_bias={5: 2.0}, allowed_token_ids=[5, 6],
+                           bad_words=["cat"])  # fmt: skip
+    params = to_sampling_params(convert.to_generation_request(msg, limits), 3, limits, 1)
+    assert params.logit_bias == {5: 2.0}
+    assert params.allowed_token_ids == [5, 6]
+    assert params.bad_words == ["cat"]
+    plain = to_sampling_params(convert.to_generation_request(generate_request("hi"), limits),
+                               3, limits, 1)  # fmt: skip
+    assert (plain.logit_bias, plain.allowed_token_ids, plain.bad_words) == (None, None, [])
+
+
+# --- request metadata --------------------------------------------------------------
+
+
+async def _ids(api: AsyncClient, metadata: tuple[tuple[str, str], ...], **kw: Any
+               ) -> tuple[str, str, str]:  # fmt: skip
+    """(the response's request_id, x-request-id in its initial metadata, the same streamed)."""
+    unary = api.stub.Generate(generate_request("hi", max_tokens=1, **kw), metadata=metadata)
+    answer = await unary
+    echoed = dict(await unary.initial_metadata())["x-request-id"]
+    stream = api.stub.GenerateStream(generate_request("hi", max_tokens=1, **kw),
+                                     metadata=metadata)  # fmt: skip
+    streamed = dict(await stream.initial_metadata())["x-request-id"]
+    last = [m async for m in stream][-1]
+    assert last.request_id == streamed
+    return answer.request_id, echoed, streamed
+
+
+async def test_x_request_id_is_the_request_id_when_the_field_is_empty(
+    srv: FakeServer, api: AsyncClient
+) -> None:
+    assert await _ids(api, (("x-request-id", "from-proxy"),)) == ("from-proxy",) * 3
+    assert srv.engine.requests[-1].request_id == "from-proxy"
+    # The field wins over the header; both are echoed as the id in use.
+    assert await _ids(api, (("x-request-id", "hdr"),), request_id="field") == ("field",) * 3
+    generated, echoed, streamed = await _ids(api, ())
+    assert len(generated) == 32 and generated == echoed and streamed != generated
+
+
+async def test_a_long_x_request_id_is_invalid_argument(srv: FakeServer, api: AsyncClient) -> None:
+    message = await _refused(api, "hi", metadata=(("x-request-id", "r" * 257),))
+    assert message == "x-request-id: at most 256 characters, got 257"
+    assert not srv.engine.requests
+
+
+async def test_the_trace_context_reaches_the_engine(srv: FakeServer, api: AsyncClient) -> None:
+    md = (("traceparent", TRACEPARENT), ("tracestate", "congo=t61rcWkgMzE"))
+    await api.generate("hi", max_tokens=1, metadata=md)
+    assert srv.engine.requests[-1].trace_headers == md
+    await api.generate("hi", max_tokens=1)
+    assert srv.engine.requests[-1].trace_headers == ()
+
+
+@pytest.mark.parametrize(
+    ("metadata", "expected"),
+    [
+        ((("traceparent", TRACEPARENT),), (("traceparent", TRACEPARENT),)),
+        ((("traceparent", TRACEPARENT), ("tracestate", "a=1"), ("tracestate", "b=2")),
+         (("traceparent", TRACEPARENT), ("tracestate", "a=1,b=2"))),
+        ((("traceparent", TRACEPARENT), ("tracestate", "a=" + "x" * 511)),
+         (("traceparent", TRACEPARENT),)),  # over 512 characters: dropped
+        ((("traceparent", TRACEPARENT), ("tracestate", "a=" + "x" * 510)),
+         (("traceparent", TRACEPARENT), ("tracestate", "a=" + "x" * 510))),
+        ((("tracestate", "a=1"),), ()),  # no parent: no state either
+        ((("traceparent", TRACEPARENT), ("traceparent", TRACEPARENT)), ()),
+        ((("traceparent", TRACEPARENT.upper()),), ()),
+        ((("traceparent", TRACEPARENT + "-extra"),), ()),
+        ((("traceparent", "ff" + TRACEPARENT[2:]),), ()),
+        ((("traceparent", f"00-{'0' * 32}-00f067aa0ba902b7-01"),), ()),
+        ((("traceparent", f"00-4bf92f3577b34da6a3ce929d0e0e4736-{'0' * 16}-01"),), ()),
+        ((("traceparent", TRACEPARENT.encode()),), (("traceparent", TRACEPARENT),)),
+    ],
+)  # fmt: skip
+def test_trace_headers_follow_w3c_trace_context(
+    metadata: tuple[tuple[str, Any], ...], expected: tuple[tuple[str, str], ...]
+) -> None:
+    assert convert.trace_headers(metadata) == expected
+
+
+@pytest.mark.parametrize(("endpoint", "passed"), [(None, False), ("localhost:4317", True)])
+def test_the_engine_gets_the_trace_context_only_when_vllm_exports_traces(
+    endpoint: str | None, passed: bool
+) -> None:
+    # vLLM drops trace_headers, with a warning per request, without --otlp-traces-endpoint.
+    engine = SimpleNamespace(
+        _llm=SimpleNamespace(observability_config=SimpleNamespace(otlp_traces_endpoint=endpoint))
+    )
+    request = domain.GenerationRequest("r", prompt="hi", trace_headers=(("traceparent", TRACEPARENT),))
+    headers = VllmEngine._trace_headers(engine, request)  # type: ignore[arg-type]
+    assert headers == ({"traceparent": TRACEPARENT} if passed else None)
+    assert VllmEngine._trace_headers(engine, domain.GenerationRequest("r", prompt="hi")) is None  # type: ignore[arg-type]
+
+
+def test_tokenize_request_carries_truncation() -> None:
+    assert not tokenize_request("x").HasField("truncate_prompt_tokens")
+    assert tokenize_request("x", truncate_prompt_tokens=3).truncate_prompt_tokens == 3
+    assert pb.GenerateRequest().HasField("truncate_prompt_tokens") is False
