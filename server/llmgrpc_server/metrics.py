@@ -8,11 +8,20 @@ for the service's own.
 
 from __future__ import annotations
 
+import math
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+# /metrics may be scraped many times a second; each read of the LoRA swap
+# counts is a round trip to the engine's workers (LoraSwapMetrics).
+LORA_SWAPS_MAX_AGE = 1.0
 
 _LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640,
@@ -165,3 +174,56 @@ class ServiceMetrics:
 
     def set_model_info(self, labels: dict[str, str]) -> None:
         self.model_info.labels(model_name=self.model_name, **labels).set(1)
+
+
+class LoraSwapMetrics(Collector):
+    """LoRA adapter swaps, which the engine's workers count: `read()` gives
+    (activations, loads) or None when they did not answer. Read on scrape, at
+    most once per `max_age` s; in between, and after a failed read, the last
+    counts are served."""
+
+    def __init__(
+        self, model_name: str, read: Callable[[], tuple[int, int] | None],
+        registry: CollectorRegistry = REGISTRY, max_age: float = LORA_SWAPS_MAX_AGE,
+    ) -> None:  # fmt: skip
+        self._model_name = model_name
+        self._read = read
+        self._max_age = max_age
+        self._lock = threading.Lock()
+        self._counts = (0, 0)
+        self._read_at = -math.inf
+        registry.register(self)
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        """The families without reading the counts (called at registration)."""
+        return self._families((0, 0), with_samples=False)
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._read_at >= self._max_age:
+                self._counts = self._read() or self._counts
+                self._read_at = now  # after a failure too: a stalled engine is asked less
+            counts = self._counts
+        return self._families(counts, with_samples=True)
+
+    def _families(
+        self, counts: tuple[int, int], *, with_samples: bool
+    ) -> Iterator[CounterMetricFamily]:
+        activations = CounterMetricFamily(
+            "llmgrpc_lora_adapter_activations",
+            "LoRA adapters copied into one of the engine's --max-loras slots, counted "
+            "since the server started serving.",
+            labels=["model_name"],
+        )
+        loads = CounterMetricFamily(
+            "llmgrpc_lora_adapter_loads",
+            "LoRA adapters read from disk into the engine's --max-cpu-loras cache, "
+            "counted since the server started serving.",
+            labels=["model_name"],
+        )
+        if with_samples:
+            activations.add_metric([self._model_name], counts[0])
+            loads.add_metric([self._model_name], counts[1])
+        yield activations
+        yield loads

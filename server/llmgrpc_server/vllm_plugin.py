@@ -1,5 +1,6 @@
-"""vLLM general plugins for the CPU backend: AMX tiles when eager, and LoRA ops
-that leave base-model tokens alone (below).
+"""vLLM general plugins: AMX tiles when eager and LoRA ops that leave
+base-model tokens alone, for the CPU backend; and a count of LoRA adapter
+swaps, on any backend (below).
 
 vLLM runs every `vllm.general_plugins` entry point in each of its processes
 (engine core and workers, however they are started). This one asks Linux for
@@ -65,7 +66,10 @@ def masked_lora_op(op: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def fix_cpu_lora_base_rows() -> None:
-    """Patch vLLM's torch LoRA ops (used by the CPU backend) where they are called."""
+    """The `llmgrpc_cpu_lora` plugin (pyproject.toml): patch vLLM's torch LoRA
+    ops (used by the CPU backend) where they are called, and count adapter
+    swaps (below), which GPU builds run too."""
+    count_lora_swaps()
     try:
         from vllm.lora.ops.torch_ops import lora_ops
         from vllm.lora.punica_wrapper import punica_cpu
@@ -76,3 +80,54 @@ def fix_cpu_lora_base_rows() -> None:
             op = getattr(module, name, None)
             if op is not None and not hasattr(op, "__wrapped__"):
                 setattr(module, name, masked_lora_op(op))
+
+
+# --- LoRA adapter swaps -------------------------------------------------------------------
+#
+# vLLM counts no swaps. Its worker-side LoRA manager reads an adapter from
+# disk into the --max-cpu-loras cache in WorkerLoRAManager._load_adapter and
+# copies one into a --max-loras slot in LoRAModelManager.activate_adapter
+# (True when it did, False when the adapter was already in a slot); the LRU
+# managers and the GPU and CPU workers all go through these two. They are
+# counted here, in each worker process, and read from the front end with
+# `AsyncLLM.collective_rpc(LORA_SWAPS_RPC)` (vllm_adapter/lora.py).
+
+LORA_SWAPS_RPC = "llmgrpc_lora_swaps"
+_swaps = {"activations": 0, "loads": 0}
+
+
+def lora_swaps() -> tuple[int, int]:
+    """(activations, loads) in this process since it started."""
+    return _swaps["activations"], _swaps["loads"]
+
+
+def _counted(method: Callable[..., Any], key: str, *, when: Callable[[Any], bool]) -> Any:
+    def run(self: Any, *args: Any, **kw: Any) -> Any:
+        result = method(self, *args, **kw)
+        if when(result):
+            _swaps[key] += 1
+        return result
+
+    run.__wrapped__ = method  # type: ignore[attr-defined]
+    return run
+
+
+def count_lora_swaps() -> None:
+    """Count activations and loads; answer LORA_SWAPS_RPC on every worker."""
+    try:
+        from vllm.lora.model_manager import LoRAModelManager
+        from vllm.lora.worker_manager import WorkerLoRAManager
+        from vllm.v1.worker.worker_base import WorkerWrapperBase
+    except ImportError:  # another vLLM layout: the front end finds no counts
+        return
+    if hasattr(LoRAModelManager.activate_adapter, "__wrapped__"):
+        return  # vLLM may run a plugin more than once in a process
+    LoRAModelManager.activate_adapter = _counted(  # type: ignore[method-assign]
+        LoRAModelManager.activate_adapter, "activations", when=bool
+    )
+    WorkerLoRAManager._load_adapter = _counted(  # type: ignore[method-assign]
+        WorkerLoRAManager._load_adapter, "loads", when=lambda _: True
+    )
+    # collective_rpc calls a worker method by name: the wrapper of every
+    # executor (uniproc, multiproc, Ray) is a WorkerWrapperBase.
+    setattr(WorkerWrapperBase, LORA_SWAPS_RPC, lambda _self: lora_swaps())

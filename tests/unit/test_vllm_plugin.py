@@ -71,3 +71,30 @@ def test_masked_lora_ops_leave_tokens_without_an_adapter_alone() -> None:
     leaky = torch.zeros(tokens, rank)
     lora_ops.bgmv_shrink(x, a, leaky, indices, 0.5)
     assert not torch.equal(leaky[base], torch.zeros(2, rank))
+
+
+def test_lora_swaps_count_activations_into_a_slot_and_answer_the_rpc() -> None:
+    """An activation counts when vLLM copies an adapter into a slot, not when it
+    was there already; a failed disk load counts nothing; every executor's
+    worker wrapper answers the front end's collective_rpc with the counts."""
+    from types import SimpleNamespace
+
+    import pytest
+    from llmgrpc_server.vllm_plugin import LORA_SWAPS_RPC, count_lora_swaps, lora_swaps
+    from vllm.lora.model_manager import LoRAModelManager
+    from vllm.lora.worker_manager import WorkerLoRAManager
+    from vllm.v1.worker.worker_base import WorkerWrapperBase
+
+    count_lora_swaps()
+    count_lora_swaps()  # vLLM may run a plugin twice: still one count per swap
+    manager = SimpleNamespace(_active_adapters={}, lora_index_to_id=[None],
+                              _registered_adapters={3: SimpleNamespace(id=3)}, modules={})  # fmt: skip
+    activations, loads = lora_swaps()
+    assert LoRAModelManager.activate_adapter(manager, 3)  # type: ignore[arg-type]
+    assert manager.lora_index_to_id == [3]
+    assert not LoRAModelManager.activate_adapter(manager, 3)  # type: ignore[arg-type]
+    with pytest.raises(AttributeError):  # no model to load into
+        WorkerLoRAManager._load_adapter(SimpleNamespace(), SimpleNamespace())  # type: ignore[arg-type]
+    assert lora_swaps() == (activations + 1, loads)
+    wrapper = WorkerWrapperBase(rpc_rank=0)
+    assert getattr(wrapper, LORA_SWAPS_RPC)() == lora_swaps()

@@ -106,6 +106,7 @@ class VllmEngine:
         )
         for name, path in lora_modules:  # before SERVING: a request finds them loaded
             await lora.load(llm, engine.adapters, name, Path(path), "startup")
+        await lora.export_swaps(llm, engine.limits.model_names[0])
         return engine
 
     # --- Engine interface ---------------------------------------------------
