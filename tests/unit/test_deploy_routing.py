@@ -221,11 +221,13 @@ def test_picker_reads_our_metrics_on_our_metrics_port(pooled: dict[str, list[dic
     assert {k: vllm[k] for k in PICKER_METRICS} == PICKER_METRICS
 
 
-def test_llmgrpc_exports_what_the_picker_reads() -> None:
-    """The names are vLLM's, exported unchanged (docs/deploy.md, metrics section)."""
+def test_docs_name_what_the_picker_reads() -> None:
+    """docs/deploy.md's routing section names the metrics and the port override key."""
     text = (ROOT / "docs" / "deploy.md").read_text()
+    section = text[text.index("## LLM-aware routing"):text.index("## Sizing a node for a model")]
     for name in PICKER_METRICS.values():
-        assert name in text
+        assert f"`{name}`" in section
+    assert "`parameters.port`" in section and "port: 9400" in section
 
 
 def test_picker_runs_restricted_with_read_only_rbac(pooled: dict[str, list[dict[str, Any]]], overlay: str) -> None:
