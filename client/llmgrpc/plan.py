@@ -269,6 +269,11 @@ def _section(title: str, rows: list[tuple[str, str]]) -> list[str]:
     return ["", title, *(f"  {label:<{width}}  {value}" for label, value in rows)]
 
 
+def size_text(n: int) -> str:
+    """Bytes as the tables print them: 2 decimals of GiB, MiB, KiB or bytes."""
+    return _size(n)
+
+
 def _size(n: int) -> str:
     for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
         if n >= scale:

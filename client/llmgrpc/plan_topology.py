@@ -209,3 +209,29 @@ def _rows(result: Result, t: Topology, size: Any) -> list[tuple[str, str]]:
             )
         )
     return rows
+
+
+def markdown_table(model: str, size: Any, **options: Any) -> str:
+    """One model on every GPU type at `options` (plan --gpu's defaults otherwise), as the
+    Markdown table docs/capacity.md carries (scripts/render_topology_tables.py writes it)."""
+    config = capacity.load_config(model)
+    facts = capacity.facts_from_config(config)
+    native = topology.native_weight_dtype(config)
+    rows = [
+        "| GPU | nodes x GPUs | layout | weights | per GPU | KV tokens per replica "
+        "| full-context seqs | vLLM flags |",
+        "| --- | ---: | --- | --- | ---: | ---: | ---: | --- |",
+    ]
+    for gpu in GPUS.values():
+        weight_dtype, _ = _weight_dtype(None, native, gpu)
+        t = topology.recommend(facts, gpu, weight_dtype=weight_dtype, **options).chosen
+        if t is None:
+            rows.append(f"| {gpu.name} | does not fit | | {weight_dtype} | | | | |")
+            continue
+        flags = " ".join(a for a in deployment_patch.vllm_args(t, native) if "parallel" in a)
+        rows.append(
+            f"| {gpu.name} | {t.nodes} x {t.gpus_per_node} | {describe(t.layout)} "
+            f"| {t.weight_dtype} | {size(t.weight_bytes_per_gpu)} | {t.kv_token_capacity:,} "
+            f"| {t.max_concurrent_sequences:,} | `{flags}` |"
+        )
+    return "\n".join(rows) + "\n"
