@@ -2,7 +2,8 @@
 
 `recommend` walks candidate layouts from the smallest up and fits each the way
 vLLM sizes its KV cache (`capacity.plan`'s arithmetic, generalised to pipeline
-stages and data-parallel ranks); the first size at which one fits wins. The rules
+stages and data-parallel ranks); the smallest size at which one fits wins, and of
+that size the layout holding the most full-context sequences. The rules
 follow vLLM's parallelism guide: tensor parallel stays inside a node (it all-reduces
 every layer), pipeline parallel or data/expert parallel spans nodes, and a
 multi-node replica takes whole nodes (one pod per node in a LeaderWorkerSet).
