@@ -9,7 +9,9 @@ It wraps unary and streaming handlers alike:
 3. records the final code, the duration and the messages sent, including for
    calls that the client cancelled or whose deadline expired;
 4. holds a place in the per-connection limit for the calls of the limited
-   services (LLMService; not health or reflection) while they run.
+   services (LLMService; not health or reflection) while they run;
+5. with tracing on (tracing.py), records the call in a span of its own: the
+   request's model and id, the final usage, the status code.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -28,6 +30,9 @@ from google.protobuf.message import DecodeError
 from llmgrpc_server.admission import ConnectionLimit
 from llmgrpc_server.errors import InvalidArgument, ServiceError, to_status
 from llmgrpc_server.metrics import GrpcMetrics, ServiceMetrics
+
+if TYPE_CHECKING:  # imported only with tracing on (main.py)
+    from llmgrpc_server.tracing import RpcSpan, Tracing
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +87,7 @@ class _Call:
         full_method: str,
         grpc_metrics: GrpcMetrics,
         context: grpc.aio.ServicerContext,
+        tracing: Tracing | None,
     ) -> None:
         _, _, path = full_method.partition("/")
         self.service, _, self.method = path.partition("/")
@@ -93,6 +99,9 @@ class _Call:
         self.finished = False
         grpc_metrics.started.labels(*self.labels).inc()
         grpc_metrics.msg_received.labels(*self.labels).inc()
+        self.span: RpcSpan | None = None
+        if tracing is not None:
+            self.span = tracing.start(self.service, self.method, context.invocation_metadata())
 
     def finish(self) -> None:
         """Record the call once (an error records it before its status is sent)."""
@@ -103,6 +112,8 @@ class _Call:
         self.metrics.handling_seconds.labels(*self.labels).observe(
             time.perf_counter() - self.start
         )
+        if self.span is not None:
+            self.span.end(self.code)
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
@@ -112,11 +123,13 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         service_metrics: ServiceMetrics,
         connections: ConnectionLimit,
         limited_services: frozenset[str],
+        tracing: Tracing | None = None,
     ) -> None:
         self._grpc = grpc_metrics
         self._service = service_metrics
         self._connections = connections
         self._limited = limited_services
+        self._tracing = tracing
 
     def _place(
         self, call: _Call, context: grpc.aio.ServicerContext
@@ -157,13 +170,17 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
     def _unary(self, behavior: _Handler, method: str, rpc_type: str = "unary") -> _Handler:
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            call = _Call(rpc_type, method, self._grpc, context)
+            call = _Call(rpc_type, method, self._grpc, context, self._tracing)
             try:
                 if isinstance(request, _Undecodable):
                     raise request.error
+                if call.span is not None:
+                    call.span.request(request, context.invocation_metadata())
                 with self._place(call, context):
                     response = await behavior(request, context)
                 self._grpc.msg_sent.labels(*call.labels).inc()
+                if call.span is not None:
+                    call.span.response(response)
                 return response
             except BaseException as e:
                 await self._fail(call, context, e)
@@ -179,13 +196,18 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             return self._unary(behavior, method, rpc_type)
 
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            call = _Call(rpc_type, method, self._grpc, context)
+            call = _Call(rpc_type, method, self._grpc, context, self._tracing)
             sent = self._grpc.msg_sent.labels(*call.labels)
+            span = call.span
             try:
                 if isinstance(request, _Undecodable):
                     raise request.error
+                if span is not None:
+                    span.request(request, context.invocation_metadata())
                 with self._place(call, context):
                     async for response in behavior(request, context):
+                        if span is not None:
+                            span.response(response)
                         yield response
                         sent.inc()
             except BaseException as e:

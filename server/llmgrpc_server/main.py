@@ -20,12 +20,15 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import uvloop
 
 from llmgrpc_server import config as server_config
 from llmgrpc_server import cpu_placement, domain, models
+
+if TYPE_CHECKING:
+    from llmgrpc_server.tracing import Tracing
 
 log = logging.getLogger("llmgrpc_server")
 PROC = Path("/proc")
@@ -126,6 +129,7 @@ async def run(config: server_config.ServerConfig, engine_args: Any) -> int:
         disable_created_metrics()
         http = start_metrics_server(config.metrics_port, config.host.strip("[]") or "::")
         log.info("metrics listening on port %d (/metrics)", http.server_port)
+    tracing = _tracing(config, engine_args)
     code = await server.serve(
         config,
         served_name(engine_args),
@@ -140,10 +144,25 @@ async def run(config: server_config.ServerConfig, engine_args: Any) -> int:
             known_adapters=builtin_adapter_names(),
         ),
         GrpcMetrics(),
+        tracing=tracing,
     )
+    if tracing is not None:  # the server has stopped: export what is left
+        await tracing.shutdown()
     if code == server.EXIT_STOPPED_LOADING:
         _abandon_load(code)
     return code
+
+
+def _tracing(config: server_config.ServerConfig, engine_args: Any) -> Tracing | None:
+    """Our spans (tracing.py), with vLLM's --otlp-traces-endpoint only: its
+    spans and ours go to the same collector."""
+    endpoint = engine_args.otlp_traces_endpoint
+    if not endpoint:
+        return None
+    from llmgrpc_server.tracing import Tracing
+
+    log.info("exporting traces to %s", endpoint)
+    return Tracing.to(endpoint, config.service_version, served_name(engine_args))
 
 
 def _abandon_load(code: int) -> NoReturn:

@@ -23,6 +23,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -41,6 +42,9 @@ from llmgrpc_server.engine_api import Engine
 from llmgrpc_server.interceptors import ServiceInterceptor
 from llmgrpc_server.metrics import GrpcMetrics, ServiceMetrics
 from llmgrpc_server.servicer import SERVICE_NAME, LLMServicer
+
+if TYPE_CHECKING:  # imported only with tracing on (main.py)
+    from llmgrpc_server.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +89,7 @@ async def start(
     model_name: str,
     grpc_metrics: GrpcMetrics,
     registry: CollectorRegistry = REGISTRY,
+    tracing: Tracing | None = None,
 ) -> RunningServer:
     metrics = ServiceMetrics(model_name, registry)
     interceptors: list[grpc.aio.ServerInterceptor] = []
@@ -96,6 +101,7 @@ async def start(
             metrics,
             ConnectionLimit(config.max_concurrent_streams),
             frozenset({SERVICE_NAME}),
+            tracing,
         )
     )
     server = grpc.aio.server(interceptors=interceptors, options=grpc_options(config))
@@ -143,10 +149,14 @@ async def serve(
     stop: asyncio.Event | None = None,
     on_started: Callable[[RunningServer], None] | None = None,
     registry: CollectorRegistry = REGISTRY,
+    tracing: Tracing | None = None,
 ) -> int:
-    """Run until `stop` is set (or a signal arrives); return the exit code."""
+    """Run until `stop` is set (or a signal arrives); return the exit code.
+
+    The caller shuts `tracing` down once this returns (the server has stopped).
+    """
     stop = stop or _stop_on_signals()
-    running = await start(config, model_name, grpc_metrics, registry)
+    running = await start(config, model_name, grpc_metrics, registry, tracing)
     if on_started is not None:
         on_started(running)
     try:
