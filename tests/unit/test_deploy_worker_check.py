@@ -97,13 +97,20 @@ def test_no_leader_address_fails(tree: tuple[int, list[int]], tmp_path: pathlib.
     assert "LWS_LEADER_ADDRESS" in result.stdout
 
 
+def _stat(pid: int, comm: str, state: str, parent: int, ticks: int = 0) -> str:
+    # Fields 3-15 of proc(5): state ppid pgrp session tty tpgid flags minflt
+    # cminflt majflt cmajflt utime stime, then more the check does not read.
+    return f"{pid} ({comm}) {state} {parent} 1 1 0 -1 0 0 0 0 0 {ticks} 0 0 0 20 0 1 0\n"
+
+
 def _fake_proc(root: pathlib.Path, parent: int, states: dict[int, str]) -> pathlib.Path:
     (root / str(parent)).mkdir(parents=True)
-    (root / str(parent) / "stat").write_text(f"{parent} (python3) S 0 1 1 0 -1\n")
+    (root / str(parent) / "stat").write_text(_stat(parent, "python3", "S", 0))
     for pid, state in states.items():
         (root / str(pid)).mkdir()
         # A comm with spaces and parentheses, as vLLM names its processes.
-        (root / str(pid) / "stat").write_text(f"{pid} (VLLM::Worker (TP0) x) {state} {parent} 1 1 0 -1\n")
+        (root / str(pid) / "stat").write_text(_stat(pid, "VLLM::Worker (TP0) x", state, parent))
+        (root / str(pid) / "io").write_text("rchar: 100\nwchar: 5\nsyscr: 1\n")
     (root / "self").mkdir()
     return root
 
@@ -115,15 +122,34 @@ def test_a_worker_stuck_in_state_d_fails_only_once_it_persists(leader: int, tmp_
             "--leader-port", str(leader), "--stuck-seconds", "120")  # fmt: skip
     first = check(*args, state_file=state)
     assert first.returncode == 0, first.stdout  # one sighting is not a hang
-    assert set(json.loads(state.read_text())) == {"10"}
-    state.write_text(json.dumps({"10": time.time() - 121}))  # seen in D two minutes ago
+    kept = json.loads(state.read_text())
+    assert set(kept) == {"10"} and kept["10"][1] == 105  # rchar + wchar, no CPU ticks
+    state.write_text(json.dumps({"10": [time.time() - 121, 105]}))  # in D, idle, for two minutes
     stuck = check(*args, state_file=state)
     assert stuck.returncode == 1
-    assert "state D for 12" in stuck.stdout
+    assert "state D, idle, for 12" in stuck.stdout
     # Out of D: its sighting is forgotten.
-    (proc / "10" / "stat").write_text("10 (VLLM::Worker) S 1 1 1 0 -1\n")
+    (proc / "10" / "stat").write_text(_stat(10, "VLLM::Worker", "S", 1))
     assert check(*args, state_file=state).returncode == 0
     assert json.loads(state.read_text()) == {}
+
+
+def test_a_worker_in_state_d_that_makes_progress_passes(leader: int, tmp_path: pathlib.Path) -> None:
+    """Loading weights from a slow volume: in D at every probe, but reading."""
+    proc = _fake_proc(tmp_path / "proc", 1, {10: "D", 11: "S"})
+    state = tmp_path / "state.json"
+    args = ("--proc", str(proc), "--pid", "1", "--min-workers", "2", "--leader", "127.0.0.1",
+            "--leader-port", str(leader), "--stuck-seconds", "120")  # fmt: skip
+    state.write_text(json.dumps({"10": [time.time() - 600, 105]}))
+    (proc / "10" / "io").write_text("rchar: 900100\nwchar: 5\n")  # read 900 kB since
+    result = check(*args, state_file=state)
+    assert result.returncode == 0, result.stdout
+    since, work = json.loads(state.read_text())["10"]
+    assert work == 900105 and time.time() - since < 60, "progress restarts the clock"
+    # CPU time counts as progress too.
+    (proc / "10" / "stat").write_text(_stat(10, "VLLM::Worker", "D", 1, ticks=7))
+    assert check(*args, state_file=state).returncode == 0
+    assert json.loads(state.read_text())["10"][1] == 900112
 
 
 def test_zombies_do_not_count_as_workers(leader: int, tmp_path: pathlib.Path) -> None:

@@ -8,10 +8,11 @@ when any of these holds:
 1. The worker's vLLM process (--pid, PID 1 in the container) has fewer than
    --min-workers live child processes: a GPU worker process died or is a
    zombie while the parent lingers.
-2. One of those processes has been in uninterruptible sleep (state D) for
-   --stuck-seconds or more across probe runs: stuck in the GPU driver or on a
-   hung network filesystem (the model cache). The first sighting is kept in
-   --state-file, so one slow read is not a failure.
+2. One of those processes has been in uninterruptible sleep (state D) at
+   every probe for --stuck-seconds or more without using CPU or reading or
+   writing a byte: stuck in the GPU driver or on a hung network filesystem
+   (the model cache). The first sighting is kept in --state-file; a process
+   that loads weights from a slow volume is in D often, but makes progress.
 3. The leader's port (--leader-port on $LWS_LEADER_ADDRESS) does not accept a
    TCP connection within --timeout seconds: the leader, its process group's
    store, or the network between the nodes is gone.
@@ -31,13 +32,20 @@ import pathlib
 import socket
 import sys
 import time
+from dataclasses import dataclass
 
 # On the pod's /tmp emptyDir: it lasts as long as the container.
 STATE_FILE = pathlib.Path("/tmp/worker-check.json")
 
 
-def children(proc: pathlib.Path, parent: int) -> dict[int, str]:
-    """pid -> state (R, S, D, Z, ...) of each child of `parent`, from /proc/*/stat."""
+@dataclass(frozen=True)
+class Child:
+    state: str  # R, S, D, Z, ...
+    work: int  # CPU ticks plus bytes read and written: grows while the process gets anywhere
+
+
+def children(proc: pathlib.Path, parent: int) -> dict[int, Child]:
+    """The children of `parent`, from /proc/<pid>/stat and /proc/<pid>/io."""
     found = {}
     for entry in proc.iterdir():
         if not entry.name.isdigit():
@@ -46,22 +54,37 @@ def children(proc: pathlib.Path, parent: int) -> dict[int, str]:
             stat = (entry / "stat").read_text()
         except OSError:  # exited while we looked
             continue
-        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        # "pid (comm) state ppid ... utime stime ...": comm may hold spaces and parentheses.
         fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[1]) == parent:
-            found[int(entry.name)] = fields[0]
+        if int(fields[1]) != parent:
+            continue
+        work = int(fields[11]) + int(fields[12])
+        try:
+            io = dict(line.split(": ") for line in (entry / "io").read_text().splitlines())
+            work += int(io["rchar"]) + int(io["wchar"])
+        except (OSError, KeyError, ValueError):
+            pass
+        found[int(entry.name)] = Child(fields[0], work)
     return found
 
 
-def stuck_for(states: dict[int, str], state_file: pathlib.Path, now: float) -> float:
-    """How long some child has been in state D, by the first sighting kept in state_file."""
+def stuck_for(kids: dict[int, Child], state_file: pathlib.Path, now: float) -> float:
+    """How long some child has sat in state D without any work done, by the first
+    such sighting kept in state_file. A process that reads a slow volume is in D
+    at many probes too, but its bytes read grow between them."""
     try:
-        seen = {int(k): v for k, v in json.loads(state_file.read_text()).items()}
-    except (OSError, ValueError):
+        kept = json.loads(state_file.read_text())
+        seen = {int(pid): (since, work) for pid, (since, work) in kept.items()}
+    except (OSError, ValueError, TypeError):
         seen = {}
-    in_d = {pid: seen.get(pid, now) for pid, state in states.items() if state == "D"}
-    state_file.write_text(json.dumps(in_d))
-    return max((now - since for since in in_d.values()), default=0.0)
+    stuck = {}
+    for pid, child in kids.items():
+        if child.state != "D":
+            continue
+        since, work = seen.get(pid, (now, child.work))
+        stuck[pid] = (since, work) if work == child.work else (now, child.work)
+    state_file.write_text(json.dumps(stuck))
+    return max((now - since for since, _ in stuck.values()), default=0.0)
 
 
 def reachable(host: str, port: int, timeout: float) -> bool:
@@ -84,14 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--proc", type=pathlib.Path, default=pathlib.Path("/proc"))
     args = parser.parse_args(argv)
 
-    states = children(args.proc, args.pid)
-    live = [pid for pid, state in states.items() if state not in ("Z", "X")]
+    kids = children(args.proc, args.pid)
+    live = [pid for pid, child in kids.items() if child.state not in ("Z", "X")]
     if len(live) < args.min_workers:
+        states = {pid: child.state for pid, child in kids.items()}
         print(f"worker-check: {len(live)} live worker processes of {args.min_workers}: {states}")
         return 1
-    stuck = stuck_for(states, args.state_file, time.time())
+    stuck = stuck_for(kids, args.state_file, time.time())
     if stuck >= args.stuck_seconds:
-        print(f"worker-check: a worker process has been in state D for {stuck:.0f} s")
+        print(f"worker-check: a worker process has been in state D, idle, for {stuck:.0f} s")
         return 1
     if not args.leader:
         print("worker-check: no leader address (LWS_LEADER_ADDRESS is unset)")
