@@ -408,6 +408,12 @@ def test_both_roles_are_hardened_gpu_pods(rendered: dict[str, list[dict[str, Any
 
 # --------------------------------------------------------------------------- the overlays
 
+def _shm(pod: Pod) -> str:
+    """/dev/shm's size: the overlays patch it by its index in the volume list."""
+    name = next(m["name"] for m in pod.container["volumeMounts"] if m["mountPath"] == "/dev/shm")
+    return str(next(v for v in pod.spec["volumes"] if v["name"] == name)["emptyDir"]["sizeLimit"])
+
+
 def test_llama_405b_is_bf16_tp8_pp2_on_two_nodes_of_eight(rendered: dict[str, list[dict[str, Any]]]) -> None:
     leader, worker = group(rendered["gpu-llama-405b-multinode"])
     args = leader.args
@@ -415,6 +421,7 @@ def test_llama_405b_is_bf16_tp8_pp2_on_two_nodes_of_eight(rendered: dict[str, li
     assert flag(args, "--dtype") == "bfloat16" and flag(args, "--quantization") is None
     assert (flag(args, "--tensor-parallel-size"), flag(args, "--pipeline-parallel-size")) == ("8", "2")
     assert _gpus(leader.container) == _gpus(worker.container) == 8
+    assert [_shm(p) for p in (leader, worker)] == ["64Gi", "64Gi"]
 
 
 def test_deepseek_v3_uses_expert_parallelism_across_nodes(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -423,6 +430,7 @@ def test_deepseek_v3_uses_expert_parallelism_across_nodes(rendered: dict[str, li
         assert "--enable-expert-parallel" in pod.args, f"{pod.role}: EP must be on in every node"
         assert flag(pod.args, "--model") == "deepseek-ai/DeepSeek-V3"
         assert flag(pod.args, "--data-parallel-size") == "16"
+    assert [_shm(p) for p in pods] == ["64Gi", "64Gi"]
     ports = {p["name"]: p["containerPort"] for p in pods[0].container["ports"]}
     assert ports["dp-rpc"] == int(flag(pods[0].args, "--data-parallel-rpc-port") or 0)
 
