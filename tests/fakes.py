@@ -78,17 +78,22 @@ class FakeEngine:
         if self.fail_with is not None:
             raise self.fail_with
         n = request.sampling.max_tokens or 16
+        completions = request.sampling.n
         self.running.add(request.request_id)
         try:
+            # With n > 1 the completions interleave; completion c is the echo shifted by c.
             for i in range(n):
                 await asyncio.sleep(self.step_delay)
-                token = ids[i % len(ids)]
-                delta = domain.Delta(request.request_id, text=chr(32 + token % 90), token_ids=[token])
-                if i == n - 1:
-                    delta.finish_reason = domain.FinishReason.LENGTH
-                    delta.usage = domain.Usage(len(ids), n)
-                    delta.timing = domain.Timing(0.0, 0.0)
-                yield delta
+                for c in range(completions):
+                    token = (ids[i % len(ids)] + c) % VOCAB
+                    delta = domain.Delta(request.request_id, text=chr(32 + token % 90),
+                                         token_ids=[token], index=c)  # fmt: skip
+                    if i == n - 1:
+                        delta.finish_reason = domain.FinishReason.LENGTH
+                    if i == n - 1 and c == completions - 1:
+                        delta.usage = domain.Usage(len(ids), n * completions)
+                        delta.timing = domain.Timing(0.0, 0.0)
+                    yield delta
         except (asyncio.CancelledError, GeneratorExit):
             self.aborted.append(request.request_id)
             raise

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +84,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     fields = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "logprobs",
-              "ignore_eos", "repetition_penalty")  # fmt: skip
+              "ignore_eos", "repetition_penalty", "n")  # fmt: skip
     kw = {f: v for f in fields if (v := getattr(args, f, None)) is not None}
     if args.stop:
         kw["stop"] = args.stop
@@ -107,6 +108,7 @@ def _logit_bias(pairs: list[str] | None) -> dict[int, float]:
 def _generation_args(p: argparse.ArgumentParser) -> None:
     """generate's flags beyond the shared sampling ones."""
     p.add_argument("--logprobs", type=int)
+    p.add_argument("-n", "--n", type=int, help="completions of the prompt (sampling.n)")
     p.add_argument("--truncate-prompt-tokens", type=int, metavar="K",
                    help="keep only the last K prompt tokens")  # fmt: skip
     p.add_argument("--logit-bias", action="append", metavar="ID=BIAS",
@@ -148,21 +150,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt = args.prompt
     with _client(args) as client:
         if args.stream:
-            final = None
-            for delta in client.stream(prompt, **kw):
-                sys.stdout.write(delta.text)
-                sys.stdout.flush()
-                final = delta
-            print()
-            if final is not None and args.verbose:
-                _print_json(final)
-            return 0
+            return _print_stream(client.stream(prompt, **kw), args.n or 1, args.verbose)
         resp = client.generate(prompt, **kw)
         if args.json:
             _print_json(resp)
+        elif resp.completions:
+            for c in resp.completions:
+                print(f"[{c.index}] {c.text}")
         else:
             print(resp.text)
         return 0
+
+
+def _print_stream(deltas: Iterator[pb.GenerateResponse], n: int, verbose: bool) -> int:
+    """The text as it arrives; with n > 1 (completions interleave) each whole, by index."""
+    final, texts = None, [""] * n
+    for delta in deltas:
+        if n == 1:
+            sys.stdout.write(delta.text)
+            sys.stdout.flush()
+        else:
+            texts[delta.index] += delta.text
+        final = delta
+    print("\n".join(f"[{i}] {t}" for i, t in enumerate(texts)) if n > 1 else "")
+    if final is not None and verbose:
+        _print_json(final)
+    return 0
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:

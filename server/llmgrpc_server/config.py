@@ -42,6 +42,7 @@ SIZE_CAP_FLAGS = (
     ("--max-allowed-token-ids", "max_allowed_token_ids"),
     ("--max-bad-words", "max_bad_words"),
     ("--max-bad-word-chars", "max_bad_word_chars"),
+    ("--max-n-sequences", "max_n_sequences"),
 )
 _SIZE_CAP_HELP = {
     "max_stop_strings": "stop strings in one request",
@@ -57,6 +58,8 @@ _SIZE_CAP_HELP = {
     "max_allowed_token_ids": "sampling.allowed_token_ids in one request",
     "max_bad_words": "sampling.bad_words in one request",
     "max_bad_word_chars": "characters in one of sampling.bad_words",
+    "max_n_sequences": "completions (sampling.n) of one request; vLLM's own cap is "
+    "VLLM_MAX_N_SEQUENCES",
 }
 
 
@@ -87,6 +90,7 @@ class ServerConfig:
     max_allowed_token_ids: int = SizeCaps.max_allowed_token_ids
     max_bad_words: int = SizeCaps.max_bad_words
     max_bad_word_chars: int = SizeCaps.max_bad_word_chars
+    max_n_sequences: int = SizeCaps.max_n_sequences
     # With vLLM's CPU backend: keep the front end off the worker's cores.
     # Opt-in: docs/deploy.md, "CPU placement".
     pin_front_end: bool = False

@@ -327,7 +327,27 @@ def to_sampling(msg: pb.SamplingParams, limits: Limits) -> domain.Sampling:  # n
         if msg.HasField(flag):
             kw[flag] = getattr(msg, flag)
     kw.update(_token_constraints(msg, limits))
+    if msg.HasField("n"):
+        kw["n"] = _completions(msg, limits)
     return domain.Sampling(**{**s.__dict__, **kw})  # type: ignore[arg-type]
+
+
+# vLLM samples greedily below this temperature (its _SAMPLING_EPS).
+GREEDY_BELOW = 1e-5
+
+
+def _completions(msg: pb.SamplingParams, limits: Limits) -> int:
+    """sampling.n, checked: >= 1, within --max-n-sequences, 1 when greedy (as vLLM)."""
+    if msg.n < 1:
+        raise InvalidArgument("sampling.n", "must be >= 1")
+    _check_count("sampling.n", msg.n, "completions", limits.caps.max_n_sequences,
+                 "--max-n-sequences")  # fmt: skip
+    if msg.n > 1 and msg.HasField("temperature") and msg.temperature < GREEDY_BELOW:
+        raise InvalidArgument(
+            "sampling.n", f"must be 1 with greedy sampling (temperature 0), got {msg.n}: "
+            "the completions would be identical (vLLM refuses it)",
+        )  # fmt: skip
+    return msg.n
 
 
 # vLLM's OpenAI server clamps logit_bias values to this range (OpenAI's own).
@@ -430,27 +450,37 @@ _FINISH = {
 
 def to_generate_response(delta: domain.Delta) -> pb.GenerateResponse:
     msg = pb.GenerateResponse(
-        request_id=delta.request_id, text=delta.text, token_ids=delta.token_ids
-    )
-    if delta.finish_reason is None and not delta.logprobs:
+        request_id=delta.request_id, text=delta.text, token_ids=delta.token_ids,
+        index=delta.index,
+    )  # fmt: skip
+    if delta.finish_reason is None and not delta.logprobs and delta.usage is None:
         return msg  # most messages of a stream: nothing else to set
+    _set_completion(msg, delta)
+    _set_request_facts(msg, delta)
+    return msg
+
+
+def _set_completion(msg: pb.GenerateResponse | pb.Completion, delta: domain.Delta) -> None:
+    """The fields describing one completion, which both messages name alike."""
     msg.finish_reason = _FINISH[delta.finish_reason]
     if delta.logprobs:
-        msg.logprobs.extend(
-            pb.TokenLogprob(
-                token_id=lp.token_id,
-                token=lp.token,
-                logprob=lp.logprob,
-                rank=lp.rank,
-                top=[pb.TopLogprob(token_id=t.token_id, token=t.token, logprob=t.logprob)
-                     for t in lp.top],
-            )
-            for lp in delta.logprobs
-        )
+        msg.logprobs.extend(_token_logprob(lp) for lp in delta.logprobs)
     if delta.stop_string is not None:
         msg.stop_string = delta.stop_string
     elif delta.stop_token_id is not None:
         msg.stop_token_id = delta.stop_token_id
+
+
+def _token_logprob(lp: domain.TokenLogprob) -> pb.TokenLogprob:
+    return pb.TokenLogprob(
+        token_id=lp.token_id, token=lp.token, logprob=lp.logprob, rank=lp.rank,
+        top=[pb.TopLogprob(token_id=t.token_id, token=t.token, logprob=t.logprob)
+             for t in lp.top],
+    )  # fmt: skip
+
+
+def _set_request_facts(msg: pb.GenerateResponse, delta: domain.Delta) -> None:
+    """Usage and timing: the request's, on its last message."""
     if delta.usage is not None:
         msg.usage.CopyFrom(
             pb.Usage(
@@ -465,14 +495,30 @@ def to_generate_response(delta: domain.Delta) -> pb.GenerateResponse:
                 time_to_first_token=delta.timing.time_to_first_token, total=delta.timing.total
             )
         )
+
+
+def to_unary_response(deltas: list[domain.Delta], n: int) -> pb.GenerateResponse:
+    """What Generate returns: with n = 1 the one completion in the top-level
+    fields, as ever; with n > 1 every completion in `completions`, by index."""
+    if n == 1:
+        return to_generate_response(merge_deltas(deltas))
+    final = deltas[-1]
+    msg = pb.GenerateResponse(request_id=final.request_id)
+    for index in range(n):
+        merged = merge_deltas([d for d in deltas if d.index == index] or [final])
+        completion = msg.completions.add(index=index, text=merged.text,
+                                         token_ids=merged.token_ids)  # fmt: skip
+        _set_completion(completion, merged)
+    _set_request_facts(msg, final)
     return msg
 
 
 def merge_deltas(deltas: list[domain.Delta]) -> domain.Delta:
-    """Fold a request's deltas into one: what unary Generate returns."""
+    """Fold deltas of one completion into one: what unary Generate returns."""
     final = deltas[-1]
     return domain.Delta(
         request_id=final.request_id,
+        index=final.index,
         text="".join(d.text for d in deltas),
         token_ids=[t for d in deltas for t in d.token_ids],
         logprobs=[lp for d in deltas for lp in d.logprobs],

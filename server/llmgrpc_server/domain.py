@@ -58,6 +58,8 @@ class Sampling:
     # None: any token may be generated.
     allowed_token_ids: tuple[int, ...] | None = None
     bad_words: tuple[str, ...] = ()
+    # Completions of the prompt (vLLM's n).
+    n: int = 1
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,8 @@ class Timing:
 class Delta:
     """New output since the previous Delta of the same request.
 
-    The last Delta of a request has `finish_reason`, `usage` and `timing`.
+    The last Delta of each completion (`index`) has `finish_reason`; the last
+    Delta of the request also has `usage` (all completions) and `timing`.
     """
 
     request_id: str
@@ -136,6 +139,8 @@ class Delta:
     stop_token_id: int | None = None
     usage: Usage | None = None
     timing: Timing | None = None
+    # Which of the request's n completions this extends.
+    index: int = 0
 
     @property
     def finished(self) -> bool:
@@ -221,6 +226,8 @@ class SizeCaps:
     # within its VLLM_MAX_NUM_BAD_WORDS of 128 token sequences.
     max_bad_words: int = 64
     max_bad_word_chars: int = 256
+    # Completions per request (vLLM's own cap, VLLM_MAX_N_SEQUENCES, is 16,384).
+    max_n_sequences: int = 16
     max_message_bytes: int = 16 * 1024 * 1024
 
 
@@ -299,14 +306,15 @@ def check_generate_answer(request: GenerationRequest, limits: Limits, default_ma
     """Refuse, before the work, a unary Generate whose answer might not be sendable
     (GenerateStream sends the same tokens in many messages)."""
     s, token = request.sampling, limits.max_token_bytes
-    max_tokens = min(s.max_tokens or default_max_tokens, limits.max_tokens)
+    max_tokens = min(s.max_tokens or default_max_tokens, limits.max_tokens) * s.n
     per_token = token + _ID_BYTES
     if s.logprobs is not None:
         per_token += token + _LOGPROB_BYTES + (s.logprobs + 1) * (token + _TOP_BYTES)
+    completions = f" ({s.n} completions)" if s.n > 1 else ""
     limits.check_answer_fits(
         "sampling.max_tokens", max_tokens * per_token + ANSWER_OVERHEAD_BYTES,
-        f"{max_tokens} tokens, up to {per_token} bytes each with their logprobs; "
-        "GenerateStream sends them in many messages",
+        f"{max_tokens} tokens{completions}, up to {per_token} bytes each with their "
+        "logprobs; GenerateStream sends them in many messages",
     )  # fmt: skip
 
 

@@ -72,7 +72,7 @@ class LLMServicer(pb_grpc.LLMServiceServicer):
         domain.check_generate_answer(req, self.engine.limits, policy.DEFAULT_MAX_TOKENS)
         async with self._admission.admit():
             deltas = [d async for d in self._counted(req, "Generate")]
-        return convert.to_generate_response(convert.merge_deltas(deltas))
+        return convert.to_unary_response(deltas, req.sampling.n)
 
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext

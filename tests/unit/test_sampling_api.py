@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator
+from copy import copy
 from types import SimpleNamespace
 from typing import Any
 
@@ -19,7 +20,14 @@ from llmgrpc.v1 import llm_service_pb2 as pb
 from llmgrpc_server import convert, domain
 from llmgrpc_server.config import ServerConfig
 from llmgrpc_server.vllm_adapter.engine import VllmEngine
+from llmgrpc_server.vllm_adapter.outputs import OutputStream
 from llmgrpc_server.vllm_adapter.sampling import to_sampling_params
+from vllm import SamplingParams
+from vllm.outputs import RequestOutput
+from vllm.sampling_params import RequestOutputKind
+from vllm.v1.engine import EngineCoreOutput, EngineCoreRequest, FinishReason
+from vllm.v1.engine.output_processor import OutputProcessor, RequestOutputCollector
+from vllm.v1.engine.parallel_sampling import ParentRequest
 
 from tests.fake_server import FakeServer, start_fake
 from tests.fakes import VOCAB
@@ -283,3 +291,113 @@ def test_tokenize_request_carries_truncation() -> None:
     assert not tokenize_request("x").HasField("truncate_prompt_tokens")
     assert tokenize_request("x", truncate_prompt_tokens=3).truncate_prompt_tokens == 3
     assert pb.GenerateRequest().HasField("truncate_prompt_tokens") is False
+
+
+# --- n > 1 -------------------------------------------------------------------------
+
+
+async def test_a_stream_of_n_completions_interleaves_with_an_index_each(api: AsyncClient) -> None:
+    messages = [m async for m in api.stream("abc", max_tokens=4, n=3)]
+    indexes = [m.index for m in messages]
+    assert sorted(set(indexes)) == [0, 1, 2]
+    assert indexes != sorted(indexes)  # interleaved, not one completion after another
+    for index in range(3):
+        own = [m for m in messages if m.index == index]
+        # Each completion's last message, and only it, has the finish reason.
+        assert [m.finish_reason for m in own] == [pb.FINISH_REASON_UNSPECIFIED] * 3 + [
+            pb.FINISH_REASON_LENGTH]
+    # Usage and timing once, on the stream's last message: the prompt once, all tokens.
+    assert [m.HasField("usage") for m in messages] == [False] * 11 + [True]
+    assert messages[-1].HasField("timing")
+    assert messages[-1].usage.prompt_tokens == 3
+    assert messages[-1].usage.completion_tokens == 12 == sum(len(m.token_ids) for m in messages)
+
+
+async def test_generate_returns_every_completion_by_index(api: AsyncClient) -> None:
+    unary = await api.generate("abc", max_tokens=4, n=3)
+    streamed = [m async for m in api.stream("abc", max_tokens=4, n=3)]
+    assert [c.index for c in unary.completions] == [0, 1, 2]
+    for c in unary.completions:
+        own = [m for m in streamed if m.index == c.index]
+        assert c.text == "".join(m.text for m in own)
+        assert list(c.token_ids) == [t for m in own for t in m.token_ids]
+        assert c.finish_reason == pb.FINISH_REASON_LENGTH
+    assert len({c.text for c in unary.completions}) == 3
+    # The one-completion fields are left empty; usage is the request's.
+    assert (unary.text, list(unary.token_ids), unary.finish_reason) == ("", [], 0)
+    assert (unary.usage.prompt_tokens, unary.usage.completion_tokens) == (3, 12)
+
+
+async def test_n_1_answers_as_before(api: AsyncClient) -> None:
+    for kw in ({}, {"n": 1}):
+        unary = await api.generate("abc", max_tokens=2, **kw)
+        assert unary.text and not unary.completions and unary.index == 0
+        assert unary.finish_reason == pb.FINISH_REASON_LENGTH
+        assert {m.index async for m in api.stream("abc", max_tokens=2, **kw)} == {0}
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [({"n": 0}, "sampling.n: must be >= 1"),
+     ({"n": 17}, "sampling.n: 17 completions exceed the server's --max-n-sequences of 16"),
+     ({"n": 2, "temperature": 0.0},
+      "sampling.n: must be 1 with greedy sampling (temperature 0), got 2: the completions "
+      "would be identical (vLLM refuses it)")],
+)  # fmt: skip
+async def test_a_bad_n_is_invalid_argument(
+    srv: FakeServer, api: AsyncClient, kw: dict[str, Any], message: str
+) -> None:
+    assert await _refused(api, "hi", **kw) == message
+    assert not srv.engine.requests
+
+
+async def test_n_at_the_cap_is_served(srv: FakeServer, api: AsyncClient) -> None:
+    answer = await api.generate("hi", max_tokens=1, n=16, temperature=0.5)
+    assert [c.index for c in answer.completions] == list(range(16))
+
+
+def test_the_unary_answer_bound_counts_every_completion() -> None:
+    limits = domain.Limits(vocab_size=VOCAB, max_model_len=4096, max_token_bytes=10,
+                           caps=domain.SizeCaps(max_message_bytes=4096))  # fmt: skip
+    # (4096 - 1024) / 15 bytes a token: 204 tokens fit, in one completion or two.
+    one = generate_request("hi", max_tokens=204)
+    domain.check_generate_answer(convert.to_generation_request(one, limits), limits, 16)
+    two = generate_request("hi", max_tokens=102, n=2)
+    domain.check_generate_answer(convert.to_generation_request(two, limits), limits, 16)
+    over = generate_request("hi", max_tokens=103, n=2)
+    with pytest.raises(convert.InvalidArgument) as e:
+        domain.check_generate_answer(convert.to_generation_request(over, limits), limits, 16)
+    assert "206 tokens (2 completions), up to 15 bytes each" in e.value.message
+
+
+def test_n_completions_through_vllms_own_output_processor() -> None:
+    """vLLM's OutputProcessor with a parent request of 2 children, as AsyncLLM
+    fans it out: outputs of both completions waiting to be read arrive merged in
+    one RequestOutput, and each becomes a delta of its own index."""
+    processor = OutputProcessor(None, log_stats=False)
+    params = SamplingParams(n=2, max_tokens=4, output_kind=RequestOutputKind.DELTA,
+                            detokenize=False)  # fmt: skip
+    request = EngineCoreRequest("r", [1, 2, 3], None, params, None, 0.0, None, None, None,
+                                external_req_id="r")  # fmt: skip
+    parent, queue = ParentRequest(request), RequestOutputCollector(RequestOutputKind.DELTA, "r")
+    for index in range(2):
+        child_id, child_params = parent.get_child_info(index)
+        child = copy(request)
+        child.request_id, child.sampling_params = child_id, child_params
+        processor.add_request(child, None, parent, index, queue)
+    stream = OutputStream("r", 3, 0.0, None)
+
+    def step(*cores: EngineCoreOutput) -> list[domain.Delta]:
+        processor.process_outputs(list(cores))
+        output = queue.get_nowait()
+        assert isinstance(output, RequestOutput)
+        return stream.deltas(output)
+
+    both = step(EngineCoreOutput("0_r", [5]), EngineCoreOutput("1_r", [6]))
+    assert [(d.index, d.token_ids, d.finish_reason) for d in both] == [(0, [5], None), (1, [6], None)]
+    first_done = step(EngineCoreOutput("0_r", [7], finish_reason=FinishReason.LENGTH))
+    assert [(d.index, d.finish_reason, d.usage) for d in first_done] == [
+        (0, domain.FinishReason.LENGTH, None)]
+    (last,) = step(EngineCoreOutput("1_r", [8], finish_reason=FinishReason.STOP))
+    assert (last.index, last.finish_reason) == (1, domain.FinishReason.STOP)
+    assert last.usage == domain.Usage(prompt_tokens=3, completion_tokens=4)

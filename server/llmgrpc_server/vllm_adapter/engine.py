@@ -166,7 +166,8 @@ class VllmEngine:
                     TokensPrompt(prompt_token_ids=prompt_ids), params, request_id,
                     lora_request=adapter, **self._request_options(request),
                 ):
-                    yield stream.delta(output)
+                    for delta in stream.deltas(output):
+                        yield delta
             except (asyncio.CancelledError, GeneratorExit):
                 # The caller went away (cancel, disconnect, deadline): free the
                 # request's KV cache now rather than when it would have finished.
@@ -213,7 +214,6 @@ class VllmEngine:
         _check_deadline(request)  # preparing may have taken it past its deadline
         return prompt_ids, params
 
-    async def _abort_quietly(self, request_id: str) -> None:
     def _request_options(self, request: domain.GenerationRequest) -> dict[str, Any]:
         """AsyncLLM.generate's keyword arguments beyond the prompt and sampling,
         those the request sets (the others keep vLLM's defaults)."""
@@ -229,6 +229,7 @@ class VllmEngine:
             return None
         return dict(request.trace_headers)
 
+    async def _abort_quietly(self, request_id: str) -> None:
         try:
             await asyncio.shield(self._llm.abort(request_id))
         except Exception:  # the engine may already be gone
@@ -326,8 +327,8 @@ class VllmEngine:
             ids, field = list(self._tokenizer.encode(text, add_special_tokens=False)), "chat"
         else:
             ids, field = list(self._tokenizer.encode(request.prompt or "")), "prompt"
-        check_prompt_length(field, len(ids), self._limits)
         ids = domain.truncate_prompt(ids, request.truncate_prompt_tokens)  # before the check
+        check_prompt_length(field, len(ids), self._limits)
         return ids
 
 

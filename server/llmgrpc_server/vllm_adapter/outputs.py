@@ -6,14 +6,20 @@ import time
 from collections.abc import Sequence
 
 from vllm.logprobs import Logprob
-from vllm.outputs import RequestOutput
+from vllm.outputs import CompletionOutput, RequestOutput
 
 from llmgrpc_server import domain
 from llmgrpc_server.vllm_adapter import failures
 
 
 class OutputStream:
-    """Turns one request's vLLM delta outputs into domain deltas."""
+    """Turns one request's vLLM delta outputs into domain deltas.
+
+    With n > 1 vLLM runs a child request per completion; each RequestOutput
+    carries the completions (`index`) with news since the last one read:
+    usually one, several when the reader fell behind (vLLM's collector merges
+    them). The RequestOutput that ends the last child is `finished`.
+    """
 
     def __init__(self, request_id: str, prompt_len: int, arrival: float, top_n: int | None):
         self.request_id = request_id
@@ -22,18 +28,48 @@ class OutputStream:
         self.top_n = top_n
         self.completion_tokens = 0
         self.first_token_at: float | None = None
+        # Prompt tokens read from the prefix cache, the fewest any child read:
+        # the prompt is the request's once, and later children reuse the
+        # blocks of the first.
+        self.cached_tokens: int | None = None
 
     def delta(self, output: RequestOutput) -> domain.Delta:
+        """The delta of an output of one completion (n = 1)."""
+        (delta,) = self.deltas(output)
+        return delta
+
+    def deltas(self, output: RequestOutput) -> list[domain.Delta]:
+        """One delta per completion in `output`; the last ends the request
+        (usage, timing) when `output` is finished."""
         now = time.monotonic()
-        completion = output.outputs[0]
+        cached = int(output.num_cached_tokens or 0)
+        self.cached_tokens = cached if self.cached_tokens is None else min(self.cached_tokens,
+                                                                             cached)  # fmt: skip
+        deltas = [self._delta(output, completion, now) for completion in output.outputs]
+        last = deltas[-1]
+        if output.finished:
+            if last.finish_reason is None:  # finished without a reason: INTERNAL
+                last.finish_reason = failures.finish_reason(output, None)
+            last.usage = domain.Usage(
+                prompt_tokens=self.prompt_len,
+                completion_tokens=self.completion_tokens,
+                cached_prompt_tokens=self.cached_tokens,
+            )
+            first = self.first_token_at if self.first_token_at is not None else now
+            last.timing = domain.Timing(first - self.arrival, now - self.arrival)
+        return deltas
+
+    def _delta(self, output: RequestOutput, completion: CompletionOutput, now: float
+               ) -> domain.Delta:  # fmt: skip
         ids = list(completion.token_ids)
         self.completion_tokens += len(ids)
         if ids and self.first_token_at is None:
             self.first_token_at = now
-        delta = domain.Delta(request_id=self.request_id, text=completion.text, token_ids=ids)
+        delta = domain.Delta(request_id=self.request_id, text=completion.text, token_ids=ids,
+                             index=completion.index)  # fmt: skip
         if self.top_n is not None:
             delta.logprobs = _logprobs(ids, completion.logprobs, self.top_n)
-        if output.finished:
+        if completion.finish_reason is not None:
             # A reason other than stop/length raises: a failure never ends OK.
             delta.finish_reason = failures.finish_reason(output, completion.finish_reason)
             stop = completion.stop_reason
@@ -41,13 +77,6 @@ class OutputStream:
                 delta.stop_string = stop
             elif isinstance(stop, int):
                 delta.stop_token_id = stop
-            delta.usage = domain.Usage(
-                prompt_tokens=self.prompt_len,
-                completion_tokens=self.completion_tokens,
-                cached_prompt_tokens=int(output.num_cached_tokens or 0),
-            )
-            first = self.first_token_at if self.first_token_at is not None else now
-            delta.timing = domain.Timing(first - self.arrival, now - self.arrival)
         return delta
 
 
