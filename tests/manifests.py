@@ -12,7 +12,8 @@ import os
 import pathlib
 import re
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jsonschema
@@ -47,6 +48,13 @@ def render(directory: pathlib.Path) -> list[dict[str, Any]]:
     )
     assert result.returncode == 0, f"kubectl kustomize {directory} failed:\n{result.stderr}"
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def render_all(directories: Mapping[str, pathlib.Path]) -> dict[str, list[dict[str, Any]]]:
+    """render() of each directory, several kubectl processes at a time."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        rendered = dict(zip(directories, pool.map(render, directories.values()), strict=True))
+    return rendered
 
 
 def stack(directory: pathlib.Path, resources: list[pathlib.Path], components: list[pathlib.Path]) -> pathlib.Path:

@@ -27,7 +27,7 @@ from tests.manifests import (
     kubectl,
     of_kind,
     one,
-    render,
+    render_all,
     schema_errors,
     selects,
     validate,
@@ -57,7 +57,7 @@ MIN_LEADER_STARTUP = 60 * 60
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, list[dict[str, Any]]]:
     kubectl()
-    return {name: render(path) for name, path in MULTINODE.items()}
+    return render_all(MULTINODE)
 
 
 @pytest.fixture(params=sorted(MULTINODE))

@@ -31,7 +31,7 @@ from tests.manifests import (
     flag,
     of_kind,
     one,
-    render,
+    render_all,
     schema_errors,
     selects,
     stack,
@@ -65,19 +65,24 @@ LLM_SERVICE = _llm_service()
 
 
 @pytest.fixture(scope="module")
-def pooled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
-    return {
-        name: render(stack(tmp_path_factory.mktemp(f"pool-{name}"), [K8S / "overlays" / name], [POOL]))
+def stacks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
+    """Each overlay with each component stacked on it, as docs/deploy.md says to."""
+    directories = {
+        f"{kind}/{name}": stack(tmp_path_factory.mktemp(f"{kind}-{name}"), [K8S / "overlays" / name], [component])
+        for kind, component in (("pool", POOL), ("route", GRPC_ROUTE))
         for name in OVERLAYS
     }
+    return render_all(directories)
 
 
 @pytest.fixture(scope="module")
-def routed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
-    return {
-        name: render(stack(tmp_path_factory.mktemp(f"route-{name}"), [K8S / "overlays" / name], [GRPC_ROUTE]))
-        for name in OVERLAYS
-    }
+def pooled(stacks: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    return {name: stacks[f"pool/{name}"] for name in OVERLAYS}
+
+
+@pytest.fixture(scope="module")
+def routed(stacks: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    return {name: stacks[f"route/{name}"] for name in OVERLAYS}
 
 
 @pytest.fixture(params=OVERLAYS)
