@@ -29,6 +29,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "vLLM's own startup check)",
     )
     parser.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=None,
+        help="with --gpu: GPUs in one node (default: the GPU type's, 8; L40S nodes also "
+        "come with 4)",
+    )
+    parser.add_argument(
         "--max-nodes",
         type=int,
         default=topology.DEFAULT_MAX_NODES,
@@ -55,6 +62,8 @@ def plan(args: argparse.Namespace, config: dict[str, Any], facts: ArchitectureFa
             "--gpu picks the TP size and knows the memory: drop --tp, --gpu-memory-gib"
         )
     gpu = gpu_type(args.gpu)
+    if args.gpus_per_node is not None:
+        gpu = dataclasses.replace(gpu, gpus_per_node=args.gpus_per_node)  # validated there
     native = topology.native_weight_dtype(config)
     weight_dtype, reason = _weight_dtype(args.weight_dtype, native, gpu)
     options = {

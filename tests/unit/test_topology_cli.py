@@ -124,6 +124,16 @@ def test_concurrency_grows_the_topology(capsys: pytest.CaptureFixture[str]) -> N
     assert planned(capsys, *base, "--concurrency", "6")["topology"]["nodes"] == 3
 
 
+def test_four_gpu_nodes(capsys: pytest.CaptureFixture[str]) -> None:
+    out = planned(capsys, "llama-3.1-405b", "--gpu", "L40S-48GB", "--gpus-per-node", "4")
+    t = out["topology"]
+    assert out["gpu"]["gpus_per_node"] == 4
+    assert (t["tp"], t["gpus_per_node"], t["gpus"]) == (4, 4, 4 * t["nodes"])
+    assert all(c["tp"] <= 4 for c in out["considered"])
+    assert run(["gpt2", "--gpu", "L40S-48GB", "--gpus-per-node", "0"]) == 1
+    assert "GPUs per node must be positive" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- the printed patch
 
 
