@@ -88,6 +88,8 @@ class FakeEngine:
                     token = (ids[i % len(ids)] + c) % VOCAB
                     delta = domain.Delta(request.request_id, text=chr(32 + token % 90),
                                          token_ids=[token], index=c)  # fmt: skip
+                    if i == 0 and c == 0 and request.sampling.prompt_logprobs is not None:
+                        delta.prompt_logprobs = _prompt_logprobs(ids)
                     if i == n - 1:
                         delta.finish_reason = domain.FinishReason.LENGTH
                     if i == n - 1 and c == completions - 1:
@@ -116,3 +118,10 @@ class FakeEngine:
 
     async def shutdown(self) -> None:
         pass
+
+
+def _prompt_logprobs(ids: list[int]) -> domain.PromptLogprobs:
+    """Made up: every prompt token after the first at logprob -1, rank 1."""
+    tokens = tuple(chr(32 + t % 90) for t in ids)
+    return domain.PromptLogprobs(tuple(ids), tokens, tuple(
+        domain.TokenLogprob(t, s, -1.0, 1) for t, s in zip(ids[1:], tokens[1:], strict=True)))

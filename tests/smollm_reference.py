@@ -30,6 +30,20 @@ CHAT_PROMPTS = (
 TEXT_PROMPTS = ("The quick brown fox", "def fibonacci(n):\n")
 
 
+# Most likely alternatives kept per prompt position (prompt logprobs).
+PROMPT_TOP = 5
+
+
+@dataclass(frozen=True)
+class PromptPosition:
+    """A prompt token after the first: its logprob given the tokens before it,
+    its 1-based rank, and the position's PROMPT_TOP best (id, logprob)."""
+
+    logprob: float
+    rank: int
+    top: list[tuple[int, float]]
+
+
 @dataclass(frozen=True)
 class Greedy:
     prompt_ids: list[int]
@@ -37,6 +51,8 @@ class Greedy:
     logprobs: list[float]  # of each chosen token, raw (before any processing)
     top2_gaps: list[float]  # best minus second-best logprob at each step
     text: str
+    # One per prompt token but the first (vLLM's prompt_logprobs).
+    prompt: list[PromptPosition]
 
 
 def prompt_ids(tokenizer: object, prompt: str, chat: bool) -> list[int]:
@@ -84,5 +100,19 @@ def greedy(
             if chosen and chosen[-1] == eos:
                 chosen, logprobs, gaps = chosen[:-1], logprobs[:-1], gaps[:-1]
             text = tokenizer.decode(chosen, skip_special_tokens=True)
-            answers[prompt] = Greedy(ids, chosen, logprobs, gaps, text)
+            answers[prompt] = Greedy(ids, chosen, logprobs, gaps, text, _prompt(model, ids))
     return answers
+
+
+def _prompt(model: Any, ids: list[int]) -> list[PromptPosition]:
+    """The prompt's own logprobs, from one forward pass over it."""
+    import torch
+
+    logits = model(torch.tensor([ids])).logits[0].float()
+    positions = []
+    for lp, token in zip(torch.log_softmax(logits, dim=-1)[:-1], ids[1:], strict=True):
+        top = torch.topk(lp, PROMPT_TOP)
+        rank = int((lp > lp[token]).sum()) + 1
+        best = list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+        positions.append(PromptPosition(float(lp[token]), rank, best))
+    return positions

@@ -317,12 +317,13 @@ def to_sampling(msg: pb.SamplingParams, limits: Limits) -> domain.Sampling:  # n
                  limits.caps.max_stop_token_ids, "--max-stop-token-ids")  # fmt: skip
     check_token_ids("sampling.stop_token_ids", list(msg.stop_token_ids), limits.vocab_size)
     kw["stop_token_ids"] = tuple(msg.stop_token_ids)
-    if msg.HasField("logprobs"):
-        if msg.logprobs > limits.max_logprobs:
-            raise InvalidArgument(
-                "sampling.logprobs", f"at most {limits.max_logprobs}, got {msg.logprobs}"
-            )
-        kw["logprobs"] = msg.logprobs
+    for name in ("logprobs", "prompt_logprobs"):  # vLLM's --max-logprobs caps both
+        if msg.HasField(name):
+            if getattr(msg, name) > limits.max_logprobs:
+                raise InvalidArgument(
+                    f"sampling.{name}", f"at most {limits.max_logprobs}, got {getattr(msg, name)}"
+                )
+            kw[name] = getattr(msg, name)
     for flag in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
         if msg.HasField(flag):
             kw[flag] = getattr(msg, flag)
@@ -453,11 +454,21 @@ def to_generate_response(delta: domain.Delta) -> pb.GenerateResponse:
         request_id=delta.request_id, text=delta.text, token_ids=delta.token_ids,
         index=delta.index,
     )  # fmt: skip
+    if delta.prompt_logprobs is not None:
+        _set_prompt_logprobs(msg, delta.prompt_logprobs)
     if delta.finish_reason is None and not delta.logprobs and delta.usage is None:
         return msg  # most messages of a stream: nothing else to set
     _set_completion(msg, delta)
     _set_request_facts(msg, delta)
     return msg
+
+
+def _set_prompt_logprobs(msg: pb.GenerateResponse, prompt: domain.PromptLogprobs | None) -> None:
+    if prompt is not None:
+        msg.prompt_logprobs.CopyFrom(pb.PromptLogprobs(
+            token_ids=prompt.token_ids, tokens=prompt.tokens,
+            logprobs=[_token_logprob(lp) for lp in prompt.logprobs],
+        ))  # fmt: skip
 
 
 def _set_completion(msg: pb.GenerateResponse | pb.Completion, delta: domain.Delta) -> None:
@@ -504,6 +515,7 @@ def to_unary_response(deltas: list[domain.Delta], n: int) -> pb.GenerateResponse
         return to_generate_response(merge_deltas(deltas))
     final = deltas[-1]
     msg = pb.GenerateResponse(request_id=final.request_id)
+    _set_prompt_logprobs(msg, deltas[0].prompt_logprobs)
     for index in range(n):
         merged = merge_deltas([d for d in deltas if d.index == index] or [final])
         completion = msg.completions.add(index=index, text=merged.text,
@@ -527,6 +539,7 @@ def merge_deltas(deltas: list[domain.Delta]) -> domain.Delta:
         stop_token_id=final.stop_token_id,
         usage=final.usage,
         timing=final.timing,
+        prompt_logprobs=deltas[0].prompt_logprobs,
     )
 
 

@@ -60,6 +60,8 @@ class Sampling:
     bad_words: tuple[str, ...] = ()
     # Completions of the prompt (vLLM's n).
     n: int = 1
+    # Alternatives per prompt token; None: no prompt logprobs.
+    prompt_logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,15 @@ class TokenLogprob:
 
 
 @dataclass(frozen=True)
+class PromptLogprobs:
+    """The prompt's tokens, and the logprobs of all but the first (no context)."""
+
+    token_ids: tuple[int, ...]
+    tokens: tuple[str, ...]
+    logprobs: tuple[TokenLogprob, ...]
+
+
+@dataclass(frozen=True)
 class Usage:
     prompt_tokens: int
     completion_tokens: int
@@ -141,6 +152,8 @@ class Delta:
     timing: Timing | None = None
     # Which of the request's n completions this extends.
     index: int = 0
+    # On the request's first delta only, when asked for.
+    prompt_logprobs: PromptLogprobs | None = None
 
     @property
     def finished(self) -> bool:
@@ -315,6 +328,18 @@ def check_generate_answer(request: GenerationRequest, limits: Limits, default_ma
         "sampling.max_tokens", max_tokens * per_token + ANSWER_OVERHEAD_BYTES,
         f"{max_tokens} tokens{completions}, up to {per_token} bytes each with their "
         "logprobs; GenerateStream sends them in many messages",
+    )  # fmt: skip
+
+
+def check_prompt_logprobs_answer(prompt_len: int, k: int, limits: Limits) -> None:
+    """Refuse, before the work, prompt logprobs that might not fit in one message
+    (they come whole, in the first one): per prompt token its id and string, and
+    one TokenLogprob with up to k + 1 alternatives."""
+    token = limits.max_token_bytes
+    per_token = 2 * token + _ID_BYTES + _LOGPROB_BYTES + (k + 1) * (token + _TOP_BYTES)
+    limits.check_answer_fits(
+        "sampling.prompt_logprobs", prompt_len * per_token + ANSWER_OVERHEAD_BYTES,
+        f"{prompt_len} prompt tokens, up to {per_token} bytes each with {k} alternatives",
     )  # fmt: skip
 
 

@@ -20,7 +20,7 @@ from llmgrpc.v1 import llm_service_pb2 as pb
 from llmgrpc_server import convert, domain
 from llmgrpc_server.config import ServerConfig
 from llmgrpc_server.vllm_adapter.engine import VllmEngine
-from llmgrpc_server.vllm_adapter.outputs import OutputStream
+from llmgrpc_server.vllm_adapter.outputs import LogprobMismatch, OutputStream
 from llmgrpc_server.vllm_adapter.sampling import to_sampling_params
 from vllm import SamplingParams
 from vllm.outputs import RequestOutput
@@ -401,3 +401,87 @@ def test_n_completions_through_vllms_own_output_processor() -> None:
     (last,) = step(EngineCoreOutput("1_r", [8], finish_reason=FinishReason.STOP))
     assert (last.index, last.finish_reason) == (1, domain.FinishReason.STOP)
     assert last.usage == domain.Usage(prompt_tokens=3, completion_tokens=4)
+
+
+# --- prompt logprobs ----------------------------------------------------------------
+
+
+async def test_prompt_logprobs_come_once_first(srv: FakeServer, api: AsyncClient) -> None:
+    streamed = [m async for m in api.stream("abc", max_tokens=3, prompt_logprobs=2)]
+    assert [m.HasField("prompt_logprobs") for m in streamed] == [True, False, False]
+    prompt = streamed[0].prompt_logprobs
+    assert list(prompt.token_ids) == [97, 98, 99] and list(prompt.tokens) == ["'", "(", ")"]
+    assert [lp.token_id for lp in prompt.logprobs] == [98, 99]  # the first token has none
+    unary = await api.generate("abc", max_tokens=3, prompt_logprobs=2)
+    assert unary.prompt_logprobs == prompt
+    several = await api.generate("abc", max_tokens=3, prompt_logprobs=2, n=2)
+    assert several.prompt_logprobs == prompt
+    assert srv.engine.requests[-1].sampling.prompt_logprobs == 2
+    assert not (await api.generate("abc", max_tokens=3)).HasField("prompt_logprobs")
+
+
+async def test_prompt_logprobs_over_max_logprobs_are_invalid_argument(
+    srv: FakeServer, api: AsyncClient
+) -> None:
+    assert await _refused(api, "hi", prompt_logprobs=21) == "sampling.prompt_logprobs: at most 20, got 21"
+    assert not srv.engine.requests
+    await api.generate("hi", max_tokens=1, prompt_logprobs=20)
+
+
+def _prompt_output(prompt_logprobs: list[Any] | None, *, finished: bool = False,
+                   index: int = 0) -> RequestOutput:  # fmt: skip
+    from vllm.outputs import CompletionOutput
+
+    done = "length" if finished else None
+    completion = CompletionOutput(index, "x", [9], None, None, finish_reason=done)
+    return RequestOutput("r", None, [1, 2, 3], prompt_logprobs, [completion], finished=finished)
+
+
+def _prompt_entry(token: int, *others: int) -> dict[int, Any]:
+    from vllm.logprobs import Logprob
+
+    entry = {token: Logprob(-0.25 * token, rank=len(others) + 1, decoded_token=f"t{token}")}
+    entry.update({o: Logprob(-0.1, rank=r, decoded_token=f"t{o}") for r, o in enumerate(others, 1)})
+    return entry
+
+
+def _prompt_stream() -> OutputStream:
+    return OutputStream("r", 3, 0.0, None, prompt_top_n=1, prompt_ids=[1, 2, 3],
+                        prompt_tokens=["a", "b", "c"])  # fmt: skip
+
+
+def test_prompt_logprobs_from_vllm_outputs_whole_or_in_chunks() -> None:
+    whole = [None, _prompt_entry(2, 7), _prompt_entry(3)]
+    (first,) = _prompt_stream().deltas(_prompt_output(whole))
+    assert first.prompt_logprobs is not None
+    assert first.prompt_logprobs.token_ids == (1, 2, 3)
+    assert first.prompt_logprobs.tokens == ("a", "b", "c")
+    lps = first.prompt_logprobs.logprobs
+    assert [(lp.token_id, lp.logprob, lp.rank) for lp in lps] == [(2, -0.5, 2), (3, -0.75, 1)]
+    assert [[t.token_id for t in lp.top] for lp in lps] == [[7], [3]]
+    # Chunked prefill: the entries come over several outputs; they are sent once whole.
+    stream = _prompt_stream()
+    assert stream.delta(_prompt_output(whole[:2])).prompt_logprobs is None
+    assert stream.delta(_prompt_output(whole[2:])).prompt_logprobs == first.prompt_logprobs
+    # n > 1: another child's copy is not sent again.
+    assert stream.delta(_prompt_output(whole, index=1)).prompt_logprobs is None
+
+
+def test_prompt_logprobs_missing_or_misaligned_fail_the_call() -> None:
+    with pytest.raises(LogprobMismatch):  # finished without them
+        _prompt_stream().delta(_prompt_output([None, _prompt_entry(2)], finished=True))
+    with pytest.raises(LogprobMismatch):  # an entry without its prompt token
+        _prompt_stream().delta(_prompt_output([None, _prompt_entry(5), _prompt_entry(3)]))
+
+
+def test_prompt_logprobs_too_big_for_a_message_are_refused_before_the_work() -> None:
+    limits = domain.Limits(vocab_size=VOCAB, max_model_len=4096, max_token_bytes=10,
+                           caps=domain.SizeCaps(max_message_bytes=4096))  # fmt: skip
+    # Per prompt token: 2 * 10 + 5 + 23 + (k + 1) * 28 bytes, 104 with k = 1; 1 KiB of overhead.
+    request = convert.to_generation_request(
+        generate_request("hi", max_tokens=1, prompt_logprobs=1), limits)
+    to_sampling_params(request, 29, limits, 1)  # 29 * 104 + 1024 = 4040 bytes
+    with pytest.raises(convert.InvalidArgument) as e:
+        to_sampling_params(request, 30, limits, 1)
+    assert e.value.violations[0].field == "sampling.prompt_logprobs"
+    assert "could reach 4144 bytes (30 prompt tokens, up to 104 bytes each" in e.value.message

@@ -20,6 +20,7 @@ import vllm
 from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.inputs import TokensPrompt
+from vllm.tokenizers.detokenizer_utils import convert_ids_list_to_tokens
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from llmgrpc_server import cpu_placement, domain, policy
@@ -160,7 +161,7 @@ class VllmEngine:
         self._in_flight.add(request_id)
         try:
             prompt_ids, params = await self._prepare(request)
-            stream = OutputStream(request_id, len(prompt_ids), arrival, request.sampling.logprobs)
+            stream = self._output_stream(request, prompt_ids, arrival)
             try:
                 async for output in self._llm.generate(
                     TokensPrompt(prompt_token_ids=prompt_ids), params, request_id,
@@ -213,6 +214,16 @@ class VllmEngine:
         )  # fmt: skip
         _check_deadline(request)  # preparing may have taken it past its deadline
         return prompt_ids, params
+
+    def _output_stream(self, request: domain.GenerationRequest, prompt_ids: list[int],
+                       arrival: float) -> OutputStream:  # fmt: skip
+        s, prompt_tokens = request.sampling, []
+        if s.prompt_logprobs is not None:  # the prompt's strings, decoded as vLLM decodes logprobs
+            prompt_tokens = convert_ids_list_to_tokens(self._tokenizer, prompt_ids)
+        return OutputStream(
+            request.request_id, len(prompt_ids), arrival, s.logprobs,
+            prompt_top_n=s.prompt_logprobs, prompt_ids=prompt_ids, prompt_tokens=prompt_tokens,
+        )  # fmt: skip
 
     def _request_options(self, request: domain.GenerationRequest) -> dict[str, Any]:
         """AsyncLLM.generate's keyword arguments beyond the prompt and sampling,

@@ -21,11 +21,22 @@ class OutputStream:
     them). The RequestOutput that ends the last child is `finished`.
     """
 
-    def __init__(self, request_id: str, prompt_len: int, arrival: float, top_n: int | None):
+    def __init__(
+        self, request_id: str, prompt_len: int, arrival: float, top_n: int | None, *,
+        prompt_top_n: int | None = None, prompt_ids: Sequence[int] = (),
+        prompt_tokens: Sequence[str] = (),
+    ) -> None:  # fmt: skip
+        """`prompt_top_n`: prompt logprobs asked for, of the prompt `prompt_ids`
+        (whose strings are `prompt_tokens`)."""
         self.request_id = request_id
         self.prompt_len = prompt_len
         self.arrival = arrival
         self.top_n = top_n
+        self.prompt_top_n = prompt_top_n
+        self.prompt_ids, self.prompt_tokens = tuple(prompt_ids), tuple(prompt_tokens)
+        # Prompt logprob entries received so far (vLLM may send them in chunks).
+        self.prompt_entries: list[dict[int, Logprob] | None] = []
+        self.prompt_sent = prompt_top_n is None
         self.completion_tokens = 0
         self.first_token_at: float | None = None
         # Prompt tokens read from the prefix cache, the fewest any child read:
@@ -46,8 +57,13 @@ class OutputStream:
         self.cached_tokens = cached if self.cached_tokens is None else min(self.cached_tokens,
                                                                              cached)  # fmt: skip
         deltas = [self._delta(output, completion, now) for completion in output.outputs]
+        if not self.prompt_sent:
+            deltas[0].prompt_logprobs = self._prompt_logprobs(output)
         last = deltas[-1]
         if output.finished:
+            if not self.prompt_sent:
+                raise LogprobMismatch(f"{len(self.prompt_entries)} prompt logprob entries "
+                                      f"for {self.prompt_len} prompt tokens")  # fmt: skip
             if last.finish_reason is None:  # finished without a reason: INTERNAL
                 last.finish_reason = failures.finish_reason(output, None)
             last.usage = domain.Usage(
@@ -58,6 +74,21 @@ class OutputStream:
             first = self.first_token_at if self.first_token_at is not None else now
             last.timing = domain.Timing(first - self.arrival, now - self.arrival)
         return deltas
+
+    def _prompt_logprobs(self, output: RequestOutput) -> domain.PromptLogprobs | None:
+        """The prompt's logprobs once all have come (a first entry, None, and one
+        per later token), else None. With n > 1 every child sends its own copy
+        (each computes the prompt): the first whole one is kept."""
+        entries = list(output.prompt_logprobs or ())
+        if entries and not entries[0] and self.prompt_entries:
+            return None  # another child's copy, from its start
+        self.prompt_entries.extend(entries)
+        if len(self.prompt_entries) < self.prompt_len:
+            return None
+        assert self.prompt_top_n is not None
+        logprobs = _logprobs(list(self.prompt_ids[1:]), self.prompt_entries[1:], self.prompt_top_n)
+        self.prompt_sent = True
+        return domain.PromptLogprobs(self.prompt_ids, self.prompt_tokens, tuple(logprobs))
 
     def _delta(self, output: RequestOutput, completion: CompletionOutput, now: float
                ) -> domain.Delta:  # fmt: skip

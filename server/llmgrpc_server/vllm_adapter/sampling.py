@@ -21,6 +21,8 @@ def to_sampling_params(
     `stream_interval` is the tokens per streamed message (policy.tokens_per_message).
     """
     s = request.sampling
+    if s.prompt_logprobs is not None:  # they come whole, in one message
+        domain.check_prompt_logprobs_answer(prompt_len, s.prompt_logprobs, limits)
     room = limits.max_model_len - prompt_len
     if s.max_tokens is None:
         max_tokens = policy.default_max_tokens(room, limits.max_tokens)
@@ -67,6 +69,8 @@ def _vllm_sampling_params(
         stop_token_ids=list(s.stop_token_ids) or None,
         ignore_eos=s.ignore_eos,
         logprobs=s.logprobs,
+        prompt_logprobs=s.prompt_logprobs,
+        n=s.n,
         include_stop_str_in_output=s.include_stop_str_in_output,
         skip_special_tokens=s.skip_special_tokens,
         logit_bias=dict(s.logit_bias) or None,
