@@ -75,15 +75,15 @@ def plan(args: argparse.Namespace, config: dict[str, Any], facts: ArchitectureFa
         "block_size": args.block_size,
         "max_nodes": args.max_nodes,
     }
-    chosen = topology.recommend(facts, gpu, weight_dtype=weight_dtype, **options)
+    rec = topology.recommend(facts, gpu, weight_dtype=weight_dtype, **options)
     alternative = None
     if args.weight_dtype is None and gpu.fp8 and weight_dtype != "fp8":
         fp8 = topology.recommend(facts, gpu, weight_dtype="fp8", **options).chosen
-        if fp8 is not None and (chosen.chosen is None or _size(fp8) < _size(chosen.chosen)):
+        if fp8 is not None and (rec.chosen is None or _size(fp8) < _size(rec.chosen)):
             alternative = fp8
     model = capacity.model_source(args.model)
     served = args.model if model != args.model else model.rstrip("/").rsplit("/", 1)[-1]
-    return Result(model, served, gpu, native, weight_dtype, reason, chosen, alternative)
+    return Result(model, served, gpu, native, weight_dtype, reason, rec, alternative)
 
 
 def _weight_dtype(asked: str | None, native: str, gpu: GpuType) -> tuple[str, str]:
