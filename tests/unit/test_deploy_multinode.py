@@ -450,3 +450,27 @@ def test_patch_shape_is_the_documented_one() -> None:
         for role in ("leader", "worker"):
             assert f"/spec/leaderWorkerTemplate/{role}Template/spec/containers/0/args" in paths
             assert f"/spec/leaderWorkerTemplate/{role}Template/spec/containers/0/resources" in paths
+
+
+@pytest.mark.parametrize("overlay", ["gpu-llama-405b-multinode", "gpu-deepseek-v3-ep"])
+def test_model_download_job_fills_the_cache_the_group_reads(rendered: dict[str, list[dict[str, Any]]], overlay: str) -> None:
+    """Applied on its own before the overlay: the group runs offline."""
+    job = yaml.safe_load((MULTINODE[overlay] / "model-download-job.yaml").read_text())
+    errors = schema_errors([job])
+    assert not errors, "\n".join(errors)
+    leader = group(rendered[overlay])[0]
+    spec = job["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["MODEL_ID"] == flag(leader.args, "--model")
+    assert env["HF_HOME"] == leader.env["HF_HOME"]
+    assert c["image"] == leader.container["image"]
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"] if "persistentVolumeClaim" in v}
+    cache = next(m for m in c["volumeMounts"] if env["HF_HOME"].startswith(m["mountPath"].rstrip("/") + "/"))
+    leader_cache = next(v for v in leader.spec["volumes"] if v["name"] == "model-cache")
+    assert claims[cache["name"]] == leader_cache["persistentVolumeClaim"]["claimName"]
+    assert job["metadata"]["namespace"] == lws(rendered[overlay])["metadata"]["namespace"]
+    sc = c["securityContext"]
+    assert spec["securityContext"]["runAsNonRoot"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["readOnlyRootFilesystem"] is True and sc["capabilities"]["drop"] == ["ALL"]
+    assert not any(e["name"] == "HF_HUB_OFFLINE" for e in c["env"])
