@@ -468,9 +468,13 @@ def test_model_download_job_fills_the_cache_the_group_reads(rendered: dict[str, 
     claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"] if "persistentVolumeClaim" in v}
     cache = next(m for m in c["volumeMounts"] if env["HF_HOME"].startswith(m["mountPath"].rstrip("/") + "/"))
     leader_cache = next(v for v in leader.spec["volumes"] if v["name"] == "model-cache")
-    assert claims[cache["name"]] == leader_cache["persistentVolumeClaim"]["claimName"]
+    cache_claim = leader_cache["persistentVolumeClaim"]["claimName"]
+    assert claims[cache["name"]] == cache_claim
     assert job["metadata"]["namespace"] == lws(rendered[overlay])["metadata"]["namespace"]
     sc = c["securityContext"]
     assert spec["securityContext"]["runAsNonRoot"] is True and sc["allowPrivilegeEscalation"] is False
     assert sc["readOnlyRootFilesystem"] is True and sc["capabilities"]["drop"] == ["ALL"]
     assert not any(e["name"] == "HF_HUB_OFFLINE" for e in c["env"])
+    # docs/deploy.md applies the PVC alone first, by this label.
+    labelled = [o for o in rendered[overlay] if o["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "model-cache"]
+    assert [(o["kind"], o["metadata"]["name"]) for o in labelled] == [("PersistentVolumeClaim", cache_claim)]
