@@ -119,6 +119,10 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bad-word", action="append", dest="bad_words", metavar="WORD",
                    help="a word that must not be generated (repeatable)")  # fmt: skip
     p.add_argument("--request-id", default="", help="the request's id (default: the server's)")
+    p.add_argument("--prompt-logprobs", type=int, metavar="K",
+                   help="the prompt's logprobs, K alternatives each (see --json)")  # fmt: skip
+    p.add_argument("--priority", type=int, default=0,
+                   help="lower runs first (server: --scheduling-policy priority)")  # fmt: skip
 
 
 def _generation(args: argparse.Namespace) -> dict[str, Any]:
@@ -131,6 +135,9 @@ def _generation(args: argparse.Namespace) -> dict[str, Any]:
         if getattr(args, name):
             kw[name] = getattr(args, name)
     kw["request_id"] = args.request_id
+    kw["priority"] = args.priority
+    if args.prompt_logprobs is not None:
+        kw["prompt_logprobs"] = args.prompt_logprobs
     return kw
 
 

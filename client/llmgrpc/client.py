@@ -97,13 +97,15 @@ def generate_request(
     grammar: str | None = None,
     model: str = "",
     truncate_prompt_tokens: int | None = None,
+    priority: int = 0,
     **sampling: Any,
 ) -> pb.GenerateRequest:
     """Build a GenerateRequest; `sampling` takes SamplingParams field names
     (e.g. n, prompt_logprobs, logit_bias={id: bias}, allowed_token_ids, bad_words)."""
     req = pb.GenerateRequest(
-        request_id=request_id, model=model, sampling=pb.SamplingParams(**sampling)
-    )
+        request_id=request_id, model=model, priority=priority,
+        sampling=pb.SamplingParams(**sampling),
+    )  # fmt: skip
     if truncate_prompt_tokens is not None:
         req.truncate_prompt_tokens = truncate_prompt_tokens
     if prompt is not None:

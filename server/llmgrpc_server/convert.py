@@ -65,7 +65,17 @@ def to_generation_request(
         adapter=adapter,
         truncate_prompt_tokens=truncate,
         trace_headers=trace_headers(metadata),
+        priority=_priority(msg, limits),
     )
+
+
+def _priority(msg: pb.GenerateRequest, limits: Limits) -> int:
+    if msg.priority and not limits.priority_scheduling:
+        raise InvalidArgument(
+            "priority", "this server schedules first come, first served; a priority needs it "
+            "started with vLLM's --scheduling-policy priority",
+        )  # fmt: skip
+    return msg.priority
 
 
 # --- call metadata ------------------------------------------------------------

@@ -93,6 +93,8 @@ class GenerationRequest:
     truncate_prompt_tokens: int | None = None
     # The caller's W3C trace context (traceparent, tracestate), for the engine.
     trace_headers: tuple[tuple[str, str], ...] = ()
+    # vLLM's scheduling priority: lower runs first.
+    priority: int = 0
 
 
 @dataclass(frozen=True)
@@ -274,6 +276,8 @@ class Limits:
     # model's context is the only bound.
     max_prompt_tokens_cap: int | None = None
     max_tokens_cap: int | None = None
+    # The engine schedules by request priority (vLLM's --scheduling-policy priority).
+    priority_scheduling: bool = False
 
     @property
     def max_prompt_tokens(self) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterator
 from copy import copy
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -485,3 +486,68 @@ def test_prompt_logprobs_too_big_for_a_message_are_refused_before_the_work() -> 
         to_sampling_params(request, 30, limits, 1)
     assert e.value.violations[0].field == "sampling.prompt_logprobs"
     assert "could reach 4144 bytes (30 prompt tokens, up to 104 bytes each" in e.value.message
+
+
+# --- priority -----------------------------------------------------------------------
+
+
+async def test_a_priority_on_a_first_come_first_served_server_is_invalid_argument(
+    srv: FakeServer, api: AsyncClient
+) -> None:
+    assert await _refused(api, "hi", priority=-1) == (
+        "priority: this server schedules first come, first served; a priority needs it "
+        "started with vLLM's --scheduling-policy priority")
+    assert not srv.engine.requests
+    await api.generate("hi", max_tokens=1, priority=0)
+    assert srv.engine.requests[-1].priority == 0
+
+
+async def test_a_priority_reaches_an_engine_that_schedules_by_it(srv: FakeServer,
+                                                                 api: AsyncClient) -> None:  # fmt: skip
+    srv.engine._limits = replace(srv.engine.limits, priority_scheduling=True)
+    for priority in (-7, 0, 2**31 - 1):
+        await api.generate("hi", max_tokens=1, priority=priority)
+        assert srv.engine.requests[-1].priority == priority
+
+
+def test_vllm_gets_only_the_options_a_request_sets() -> None:
+    engine = SimpleNamespace(
+        _llm=SimpleNamespace(observability_config=SimpleNamespace(otlp_traces_endpoint="x:4317"))
+    )
+    engine._trace_headers = lambda request: VllmEngine._trace_headers(engine, request)  # type: ignore[arg-type]
+    options = VllmEngine._request_options  # type: ignore[arg-type]
+    assert options(engine, domain.GenerationRequest("r", prompt="x")) == {}  # type: ignore[arg-type]
+    request = domain.GenerationRequest("r", prompt="x", priority=-3,
+                                       trace_headers=(("traceparent", TRACEPARENT),))  # fmt: skip
+    assert options(engine, request) == {"priority": -3,  # type: ignore[arg-type]
+                                        "trace_headers": {"traceparent": TRACEPARENT}}  # fmt: skip
+
+
+def test_the_scheduling_policy_is_read_from_vllms_config() -> None:
+    from llmgrpc_server.vllm_adapter.engine import _scheduling_policy
+
+    policy = SimpleNamespace(scheduler_config=SimpleNamespace(policy="priority"))
+    assert _scheduling_policy(policy) == "priority"
+    assert _scheduling_policy(SimpleNamespace()) == "fcfs"
+
+
+# --- the CLI ------------------------------------------------------------------------
+
+
+def test_the_cli_builds_every_new_field() -> None:
+    from llmgrpc import cli
+
+    args = cli.build_parser().parse_args([
+        "generate", "x", "-n", "2", "--prompt-logprobs", "3", "--truncate-prompt-tokens", "9",
+        "--logit-bias", "5=1.5", "--logit-bias", "6=-2", "--allowed-token-id", "5",
+        "--allowed-token-id", "6", "--bad-word", "no", "--priority", "-1", "--request-id", "r1",
+    ])  # fmt: skip
+    req = generate_request("x", **cli._generation(args))
+    assert (req.sampling.n, req.sampling.prompt_logprobs, req.truncate_prompt_tokens) == (2, 3, 9)
+    assert dict(req.sampling.logit_bias) == {5: 1.5, 6: -2.0}
+    assert list(req.sampling.allowed_token_ids) == [5, 6] and list(req.sampling.bad_words) == ["no"]
+    assert (req.priority, req.request_id) == (-1, "r1")
+    plain = generate_request("x", **cli._generation(cli.build_parser().parse_args(["generate", "x"])))
+    assert plain == generate_request("x")
+    with pytest.raises(SystemExit):
+        cli._logit_bias(["5:1"])

@@ -63,6 +63,7 @@ class VllmEngine:
             max_model_len=config.max_model_len,
             max_logprobs=config.max_logprobs,
             has_chat_template=bool(getattr(self._tokenizer, "chat_template", None)),
+            priority_scheduling=_scheduling_policy(llm.vllm_config) == "priority",
             model_names=domain.served_names(config.served_model_name, config.model),
             max_token_bytes=_max_token_bytes(self._tokenizer),
             caps=size_caps,
@@ -231,6 +232,8 @@ class VllmEngine:
         options: dict[str, Any] = {}
         if (headers := self._trace_headers(request)) is not None:
             options["trace_headers"] = headers
+        if request.priority:
+            options["priority"] = request.priority
         return options
 
     def _trace_headers(self, request: domain.GenerationRequest) -> dict[str, str] | None:
@@ -357,6 +360,12 @@ def _check_deadline(request: domain.GenerationRequest) -> None:
 
 def _input_chars(text: str | None, chat: domain.Chat | None) -> int:
     return len(text or "") + (sum(len(turn.content) for turn in chat.turns) if chat else 0)
+
+
+def _scheduling_policy(vllm_config: Any) -> str:
+    """vLLM's --scheduling-policy ("fcfs" or "priority")."""
+    scheduler = getattr(vllm_config, "scheduler_config", None)  # absent from test stubs
+    return str(getattr(scheduler, "policy", "fcfs"))
 
 
 def _kv_dtype(cache_dtype: str, model_dtype: str) -> str:
