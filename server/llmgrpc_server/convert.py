@@ -1,4 +1,4 @@
-"""Pure conversion between protobuf messages and domain types.
+"""Pure conversion of protobuf requests into domain types (answers: responses.py).
 
 Validation of everything a request can get wrong on its own (ranges, NaN,
 empty input, ids outside the vocabulary) happens here, so that the engine
@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
 from llmgrpc.v1 import llm_service_pb2 as pb
 
-from llmgrpc_server import domain
+from llmgrpc_server import call_metadata, domain
 from llmgrpc_server.domain import Limits, check_prompt_length
 from llmgrpc_server.errors import FailedPrecondition, InvalidArgument
 
@@ -43,9 +42,9 @@ def to_generation_request(
     """The domain request; `metadata` is the call's (x-request-id, trace context)."""
     adapter = requested_adapter(msg.model, limits)
     metadata = tuple(metadata)
-    request_id = msg.request_id or _metadata_value(metadata, REQUEST_ID_KEY)
+    request_id = msg.request_id or call_metadata.value(metadata, call_metadata.REQUEST_ID_KEY)
     if len(request_id) > limits.max_request_id_len:
-        field = "request_id" if msg.request_id else REQUEST_ID_KEY
+        field = "request_id" if msg.request_id else call_metadata.REQUEST_ID_KEY
         raise InvalidArgument(
             field, f"at most {limits.max_request_id_len} characters, got {len(request_id)}"
         )
@@ -64,7 +63,7 @@ def to_generation_request(
         received=received,
         adapter=adapter,
         truncate_prompt_tokens=truncate,
-        trace_headers=trace_headers(metadata),
+        trace_headers=call_metadata.trace_headers(metadata),
         priority=_priority(msg, limits),
     )
 
@@ -76,52 +75,6 @@ def _priority(msg: pb.GenerateRequest, limits: Limits) -> int:
             "started with vLLM's --scheduling-policy priority",
         )  # fmt: skip
     return msg.priority
-
-
-# --- call metadata ------------------------------------------------------------
-
-# The request id a proxy or caller sets, used when the message's own is empty,
-# and echoed in the answer's initial metadata.
-REQUEST_ID_KEY = "x-request-id"
-# W3C Trace Context, version 00: 55 characters of lowercase hex and dashes.
-_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
-# W3C: a tracestate of 32 members of at most 256 characters; vendors may drop
-# one over 512 characters rather than carry it.
-MAX_TRACESTATE_CHARS = 512
-
-
-def _metadata_values(metadata: Iterable[tuple[str, str | bytes]], key: str) -> list[str]:
-    return [v if isinstance(v, str) else v.decode("latin-1") for k, v in metadata if k == key]
-
-
-def _metadata_value(metadata: Iterable[tuple[str, str | bytes]], key: str) -> str:
-    values = _metadata_values(metadata, key)
-    return values[0] if values else ""
-
-
-def trace_headers(metadata: Iterable[tuple[str, str | bytes]]) -> tuple[tuple[str, str], ...]:
-    """The caller's W3C trace context to hand the engine (vLLM's trace_headers).
-
-    As W3C Trace Context says: a missing, repeated or malformed `traceparent`
-    (or one with an all-zero trace or parent id, or version ff) means no
-    context, and `tracestate` is not read without one; a `tracestate` over
-    512 characters is dropped. Nothing here fails the call."""
-    metadata = tuple(metadata)
-    parents = _metadata_values(metadata, "traceparent")
-    if len(parents) != 1 or not _valid_traceparent(parents[0]):
-        return ()
-    headers = [("traceparent", parents[0])]
-    state = ",".join(_metadata_values(metadata, "tracestate"))
-    if state and len(state) <= MAX_TRACESTATE_CHARS:
-        headers.append(("tracestate", state))
-    return tuple(headers)
-
-
-def _valid_traceparent(value: str) -> bool:
-    if not _TRACEPARENT.fullmatch(value):
-        return False
-    version, trace_id, parent_id, _ = value.split("-")
-    return version != "ff" and trace_id != "0" * 32 and parent_id != "0" * 16
 
 
 def _truncation(msg: pb.GenerateRequest | pb.TokenizeRequest, limits: Limits | None) -> int | None:
@@ -448,126 +401,3 @@ def to_structured_output(msg: pb.StructuredOutput, limits: Limits) -> domain.Str
     if not value:
         raise InvalidArgument(f"structured_output.{kind}", "must not be empty")
     return domain.StructuredOutput(**{kind: value})
-
-
-# --- responses ----------------------------------------------------------------
-
-_FINISH = {
-    None: pb.FINISH_REASON_UNSPECIFIED,
-    domain.FinishReason.STOP: pb.FINISH_REASON_STOP,
-    domain.FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
-}  # FINISH_REASON_ABORT is never sent (docs/api.md)
-
-
-def to_generate_response(delta: domain.Delta) -> pb.GenerateResponse:
-    msg = pb.GenerateResponse(
-        request_id=delta.request_id, text=delta.text, token_ids=delta.token_ids,
-        index=delta.index,
-    )  # fmt: skip
-    if delta.prompt_logprobs is not None:
-        _set_prompt_logprobs(msg, delta.prompt_logprobs)
-    if delta.finish_reason is None and not delta.logprobs and delta.usage is None:
-        return msg  # most messages of a stream: nothing else to set
-    _set_completion(msg, delta)
-    _set_request_facts(msg, delta)
-    return msg
-
-
-def _set_prompt_logprobs(msg: pb.GenerateResponse, prompt: domain.PromptLogprobs | None) -> None:
-    if prompt is not None:
-        msg.prompt_logprobs.CopyFrom(pb.PromptLogprobs(
-            token_ids=prompt.token_ids, tokens=prompt.tokens,
-            logprobs=[_token_logprob(lp) for lp in prompt.logprobs],
-        ))  # fmt: skip
-
-
-def _set_completion(msg: pb.GenerateResponse | pb.Completion, delta: domain.Delta) -> None:
-    """The fields describing one completion, which both messages name alike."""
-    msg.finish_reason = _FINISH[delta.finish_reason]
-    if delta.logprobs:
-        msg.logprobs.extend(_token_logprob(lp) for lp in delta.logprobs)
-    if delta.stop_string is not None:
-        msg.stop_string = delta.stop_string
-    elif delta.stop_token_id is not None:
-        msg.stop_token_id = delta.stop_token_id
-
-
-def _token_logprob(lp: domain.TokenLogprob) -> pb.TokenLogprob:
-    return pb.TokenLogprob(
-        token_id=lp.token_id, token=lp.token, logprob=lp.logprob, rank=lp.rank,
-        top=[pb.TopLogprob(token_id=t.token_id, token=t.token, logprob=t.logprob)
-             for t in lp.top],
-    )  # fmt: skip
-
-
-def _set_request_facts(msg: pb.GenerateResponse, delta: domain.Delta) -> None:
-    """Usage and timing: the request's, on its last message."""
-    if delta.usage is not None:
-        msg.usage.CopyFrom(
-            pb.Usage(
-                prompt_tokens=delta.usage.prompt_tokens,
-                completion_tokens=delta.usage.completion_tokens,
-                cached_prompt_tokens=delta.usage.cached_prompt_tokens,
-            )
-        )
-    if delta.timing is not None:
-        msg.timing.CopyFrom(
-            pb.Timing(
-                time_to_first_token=delta.timing.time_to_first_token, total=delta.timing.total
-            )
-        )
-
-
-def to_unary_response(deltas: list[domain.Delta], n: int) -> pb.GenerateResponse:
-    """What Generate returns: with n = 1 the one completion in the top-level
-    fields, as ever; with n > 1 every completion in `completions`, by index."""
-    if n == 1:
-        return to_generate_response(merge_deltas(deltas))
-    final = deltas[-1]
-    msg = pb.GenerateResponse(request_id=final.request_id)
-    _set_prompt_logprobs(msg, deltas[0].prompt_logprobs)
-    for index in range(n):
-        merged = merge_deltas([d for d in deltas if d.index == index] or [final])
-        completion = msg.completions.add(index=index, text=merged.text,
-                                         token_ids=merged.token_ids)  # fmt: skip
-        _set_completion(completion, merged)
-    _set_request_facts(msg, final)
-    return msg
-
-
-def merge_deltas(deltas: list[domain.Delta]) -> domain.Delta:
-    """Fold deltas of one completion into one: what unary Generate returns."""
-    final = deltas[-1]
-    return domain.Delta(
-        request_id=final.request_id,
-        index=final.index,
-        text="".join(d.text for d in deltas),
-        token_ids=[t for d in deltas for t in d.token_ids],
-        logprobs=[lp for d in deltas for lp in d.logprobs],
-        finish_reason=final.finish_reason,
-        stop_string=final.stop_string,
-        stop_token_id=final.stop_token_id,
-        usage=final.usage,
-        timing=final.timing,
-        prompt_logprobs=deltas[0].prompt_logprobs,
-    )
-
-
-def tokenize_response_head(t: domain.Tokenized) -> pb.TokenizeResponse:
-    """Everything but the offsets (each a message: see add_offsets)."""
-    return pb.TokenizeResponse(
-        token_ids=t.token_ids, tokens=t.tokens, text=t.text, max_model_len=t.max_model_len
-    )
-
-
-def add_offsets(
-    msg: pb.TokenizeResponse, offsets: tuple[tuple[int, int], ...], per_slice: int
-) -> Iterator[None]:
-    """Add `offsets` to `msg`, yielding after each `per_slice` of them, so the
-    caller can let other work run between slices."""
-    # add() in place: a tenth of the time of building each Offset, then copying it in.
-    add, step = msg.offsets.add, max(per_slice, 1)
-    for at in range(0, len(offsets), step):
-        for start, end in offsets[at : at + step]:
-            add(start=start, end=end)
-        yield

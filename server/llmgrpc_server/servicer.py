@@ -15,7 +15,7 @@ import grpc
 from llmgrpc.v1 import llm_service_pb2 as pb
 from llmgrpc.v1 import llm_service_pb2_grpc as pb_grpc
 
-from llmgrpc_server import convert, domain, model_facts, policy
+from llmgrpc_server import call_metadata, convert, domain, model_facts, policy, responses
 from llmgrpc_server.admission import Admission
 from llmgrpc_server.engine_api import Engine
 from llmgrpc_server.errors import Unavailable
@@ -62,7 +62,7 @@ class LLMServicer(pb_grpc.LLMServiceServicer):
             msg, self.engine.limits, deadline, received, metadata
         )
         # The id in use (given, from x-request-id, or generated), for proxies and logs.
-        await context.send_initial_metadata(((convert.REQUEST_ID_KEY, req.request_id),))
+        await context.send_initial_metadata(((call_metadata.REQUEST_ID_KEY, req.request_id),))
         return req
 
     async def Generate(
@@ -72,7 +72,7 @@ class LLMServicer(pb_grpc.LLMServiceServicer):
         domain.check_generate_answer(req, self.engine.limits, policy.DEFAULT_MAX_TOKENS)
         async with self._admission.admit():
             deltas = [d async for d in self._counted(req, "Generate")]
-        return convert.to_unary_response(deltas, req.sampling.n)
+        return responses.to_unary_response(deltas, req.sampling.n)
 
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -81,7 +81,7 @@ class LLMServicer(pb_grpc.LLMServiceServicer):
         async with self._admission.admit():
             with self._metrics.active_stream():
                 async for delta in self._counted(req, "GenerateStream"):
-                    yield convert.to_generate_response(delta)
+                    yield responses.to_generate_response(delta)
 
     async def _counted(
         self, req: domain.GenerationRequest, method: str
@@ -104,8 +104,8 @@ class LLMServicer(pb_grpc.LLMServiceServicer):
         keep = convert.tokenize_truncation(request)
         tokenized = convert.truncate_tokenized(await engine.tokenize(text, chat, add_special), keep)
         # One message per offset: a slice per loop turn, other calls answered between.
-        msg = convert.tokenize_response_head(tokenized)
-        for _ in convert.add_offsets(msg, tokenized.offsets, policy.TOKENS_PER_LOOP_TURN):
+        msg = responses.tokenize_response_head(tokenized)
+        for _ in responses.add_offsets(msg, tokenized.offsets, policy.TOKENS_PER_LOOP_TURN):
             await asyncio.sleep(0)
         return msg
 

@@ -18,7 +18,7 @@ import pytest
 from llmgrpc import AsyncClient
 from llmgrpc.client import generate_request, tokenize_request
 from llmgrpc.v1 import llm_service_pb2 as pb
-from llmgrpc_server import convert, domain
+from llmgrpc_server import call_metadata, convert, domain
 from llmgrpc_server.config import ServerConfig
 from llmgrpc_server.vllm_adapter.engine import VllmEngine
 from llmgrpc_server.vllm_adapter.outputs import LogprobMismatch, OutputStream
@@ -271,7 +271,7 @@ async def test_the_trace_context_reaches_the_engine(srv: FakeServer, api: AsyncC
 def test_trace_headers_follow_w3c_trace_context(
     metadata: tuple[tuple[str, Any], ...], expected: tuple[tuple[str, str], ...]
 ) -> None:
-    assert convert.trace_headers(metadata) == expected
+    assert call_metadata.trace_headers(metadata) == expected
 
 
 @pytest.mark.parametrize(("endpoint", "passed"), [(None, False), ("localhost:4317", True)])

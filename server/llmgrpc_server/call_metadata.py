@@ -1,0 +1,51 @@
+"""A call's metadata: the request id a proxy or caller sets, and the W3C trace
+context (traceparent, tracestate) to hand the engine. Pure functions."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+# The request id a proxy or caller sets, used when the message's own is empty,
+# and echoed in the answer's initial metadata.
+REQUEST_ID_KEY = "x-request-id"
+# W3C Trace Context, version 00: 55 characters of lowercase hex and dashes.
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+# W3C: a tracestate of 32 members of at most 256 characters; vendors may drop
+# one over 512 characters rather than carry it.
+MAX_TRACESTATE_CHARS = 512
+
+
+def _values(metadata: Iterable[tuple[str, str | bytes]], key: str) -> list[str]:
+    return [v if isinstance(v, str) else v.decode("latin-1") for k, v in metadata if k == key]
+
+
+def value(metadata: Iterable[tuple[str, str | bytes]], key: str) -> str:
+    """The first value of `key` ("" when absent)."""
+    values = _values(metadata, key)
+    return values[0] if values else ""
+
+
+def trace_headers(metadata: Iterable[tuple[str, str | bytes]]) -> tuple[tuple[str, str], ...]:
+    """The caller's W3C trace context to hand the engine (vLLM's trace_headers).
+
+    As W3C Trace Context says: a missing, repeated or malformed `traceparent`
+    (or one with an all-zero trace or parent id, or version ff) means no
+    context, and `tracestate` is not read without one; a `tracestate` over
+    512 characters is dropped. Nothing here fails the call."""
+    metadata = tuple(metadata)
+    parents = _values(metadata, "traceparent")
+    if len(parents) != 1 or not _valid_traceparent(parents[0]):
+        return ()
+    headers = [("traceparent", parents[0])]
+    state = ",".join(_values(metadata, "tracestate"))
+    if state and len(state) <= MAX_TRACESTATE_CHARS:
+        headers.append(("tracestate", state))
+    return tuple(headers)
+
+
+def _valid_traceparent(value: str) -> bool:
+    if not _TRACEPARENT.fullmatch(value):
+        return False
+    version, trace_id, parent_id, _ = value.split("-")
+    return version != "ff" and trace_id != "0" * 32 and parent_id != "0" * 16
