@@ -254,6 +254,39 @@ def test_leader_and_workers_agree_on_engine_flags(rendered: dict[str, list[dict[
         }
 
 
+def test_llmgrpc_and_vllm_parse_the_flags_into_the_same_engine(rendered: dict[str, list[dict[str, Any]]], layout: str) -> None:
+    """The leader's args through llmgrpc-server's own parser, each worker's through
+    vLLM 0.32's `serve` parser: every flag exists, and the engine arguments they
+    make differ only in the node's place in the group."""
+    import dataclasses
+
+    from llmgrpc_server.main import parse
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    leader, *workers = group(rendered[layout])
+    _, leader_engine = parse(leader.args)
+    parser = FlexibleArgumentParser()
+    ServeSubcommand().subparser_init(parser.add_subparsers(dest="subparser"))
+    for worker in workers:
+        ns = parser.parse_args(["serve", *worker.args])
+        assert ns.headless is True
+        if ns.model_tag is not None:  # what `vllm serve` does before it starts (serve.py cmd)
+            ns.model = ns.model_tag
+        engine = AsyncEngineArgs.from_cli_args(ns)
+        differ = {
+            f.name for f in dataclasses.fields(AsyncEngineArgs)
+            if getattr(engine, f.name) != getattr(leader_engine, f.name)
+        }
+        assert differ <= {"node_rank", "data_parallel_start_rank"}, differ
+        if _data_parallel(leader.args):
+            assert engine.data_parallel_start_rank == worker.index * int(engine.data_parallel_size_local or 0)
+        else:
+            assert (engine.node_rank, engine.nnodes) == (worker.index, len(workers) + 1)
+            assert (leader_engine.node_rank, leader_engine.master_addr) == (0, leader.env["LWS_LEADER_ADDRESS"])
+
+
 # --------------------------------------------------------------------------- who gets traffic
 
 def test_services_and_servicemonitor_select_leaders_only(rendered: dict[str, list[dict[str, Any]]], layout: str) -> None:
