@@ -121,6 +121,48 @@ def test_adapter_metrics_count_each_adapter_and_vllm_reports_lora_slots(
             if name == "vllm:lora_requests_info"]  # fmt: skip
     assert info and all(("max_lora", "1") in labels for labels in info)
 
+
+def test_adapter_swaps_are_counted(smollm: ServerProcess) -> None:
+    """One adapter slot (--max-loras 1): requests naming a, b, a, b one at a time
+    swap the adapter in the slot four times, each an activation, and read
+    nothing from disk (both stay in the --max-cpu-loras cache); concurrent ones
+    activate a at least once more. The counts are read on scrape and cached for
+    up to a second, so each phase waits for the first value after it."""
+    assert poll(lambda: at_rest(smollm.metrics_url), timeout=60)
+
+    def counts() -> tuple[float, float]:
+        now = scrape(smollm.metrics_url)
+        return (sample_value(now, "llmgrpc_lora_adapter_activations_total", model_name=BASE),
+                sample_value(now, "llmgrpc_lora_adapter_loads_total", model_name=BASE))  # fmt: skip
+
+    def after(
+        models: list[str], before: tuple[float, float], threads: int = 1
+    ) -> tuple[float, float]:
+        """Serve `models`, then the first counts unlike `before`: no count is read
+        while the requests run, so it is read after all of them."""
+        with Client(smollm.target, timeout=300) as client, ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda m: client.generate("Hi", model=m, max_tokens=2, temperature=0.0),
+                          models))  # fmt: skip
+        seen = before
+
+        def changed() -> bool:
+            nonlocal seen
+            seen = counts()
+            return seen != before
+
+        assert poll(changed, timeout=30), f"{models}: no swap counted"
+        return seen
+
+    # a then b: b holds the slot (activated after a), whatever held it before.
+    primed = after([A, B], counts())
+    rotated = after([A, B, A, B], primed)
+    assert rotated[0] - primed[0] == 4
+    assert rotated[1] == primed[1]  # loaded once, at startup
+    interleaved = after([A, B] * 4, rotated, threads=8)
+    assert 1 <= interleaved[0] - rotated[0] <= 8
+    assert interleaved[1] == rotated[1]
+
+
 def test_model_info_lists_the_adapters(smollm: ServerProcess) -> None:
     with Client(smollm.target) as client:
         info = client.model_info()

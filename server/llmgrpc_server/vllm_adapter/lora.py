@@ -75,6 +75,8 @@ async def export_swaps(llm: AsyncLLM, model_name: str) -> None:
 
     def read() -> tuple[int, int] | None:
         """From the /metrics thread: the counts, read on the event loop."""
+        if loop.is_closed():  # the server has stopped
+            return None
         with contextlib.suppress(RuntimeError):  # no loop running in this thread
             if asyncio.get_running_loop() is loop:
                 return None  # waiting here would stall the loop that must answer
