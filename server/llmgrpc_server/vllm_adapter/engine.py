@@ -33,7 +33,7 @@ from llmgrpc_server.errors import (
     ServiceError,
     Unavailable,
 )
-from llmgrpc_server.vllm_adapter import failures, lora
+from llmgrpc_server.vllm_adapter import failures, lora, multinode
 from llmgrpc_server.vllm_adapter.outputs import OutputStream
 from llmgrpc_server.vllm_adapter.sampling import to_sampling_params
 from llmgrpc_server.vllm_adapter.settings import SUPPORTED_VLLM, cache_vllm_settings
@@ -93,7 +93,10 @@ class VllmEngine:
             log.warning("vLLM %s is untested; supported: %s", vllm.__version__, SUPPORTED_VLLM)
         # Building the engine blocks for tens of seconds (weights, KV cache,
         # warm-up): keep the event loop free so health checks answer meanwhile.
-        llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        # On a multi-node leader the start also waits for the other nodes.
+        llm = await multinode.while_joining(
+            args, lambda: asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        )
         cache_vllm_settings()
         if pin_front_end:
             cpu_placement.place_front_end()
