@@ -64,7 +64,9 @@ LLAMA_DRAIN_TIMEOUT = 60
 # (tests/integration/test_overload.py), and a short drain timeout to cut; and
 # a Tokenize cap 8x the default, so that a Tokenize answer can outgrow
 # --max-message-bytes (tests/integration/test_input_caps.py; no overload test
-# calls Tokenize).
+# calls Tokenize); and vLLM's priority scheduling, whose proof needs a
+# saturated engine (tests/integration/test_sampling_api.py; requests without a
+# priority, all 0, run first come, first served as before).
 LIMITED_MAX_IN_FLIGHT = 64
 LIMITED_DRAIN_TIMEOUT = 2.0
 LIMITED_MAX_TOKENIZE_CHARS = 1_048_576
@@ -90,7 +92,8 @@ SHARED: dict[str, list[str]] = {
     "limited": ["--model", "tiny-llama-gqa",
                 "--max-in-flight", str(LIMITED_MAX_IN_FLIGHT), "--max-num-seqs", "1",
                 "--drain-timeout", str(LIMITED_DRAIN_TIMEOUT),
-                "--max-tokenize-chars", str(LIMITED_MAX_TOKENIZE_CHARS)],
+                "--max-tokenize-chars", str(LIMITED_MAX_TOKENIZE_CHARS),
+                "--scheduling-policy", "priority"],
     # The embedded default model in float32, where its greedy tokens must equal
     # transformers' (tests/integration/test_real_text.py); eager, as the cpu
     # image runs it, to start in seconds.
