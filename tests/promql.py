@@ -41,6 +41,7 @@ METRICS: dict[str, str] = {
     "vllm:request_queue_time_seconds": "histogram",
     "vllm:request_prefill_time_seconds": "histogram",
     "vllm:request_decode_time_seconds": "histogram",
+    "vllm:lora_requests_info": "gauge",
     # gRPC server, go-grpc-prometheus convention
     "grpc_server_started_total": "counter",
     "grpc_server_handled_total": "counter",
@@ -57,6 +58,8 @@ METRICS: dict[str, str] = {
     "llmgrpc_tokenize_requests_total": "counter",
     "llmgrpc_lora_requests_total": "counter",
     "llmgrpc_lora_generated_tokens_total": "counter",
+    "llmgrpc_lora_adapter_activations_total": "counter",
+    "llmgrpc_lora_adapter_loads_total": "counter",
     "llmgrpc_model_info": "gauge",
 }
 

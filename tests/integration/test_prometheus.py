@@ -1,7 +1,13 @@
-"""A real Prometheus scrapes a real server; every dashboard and alert query returns data."""
+"""A real Prometheus scrapes a real server; every dashboard and alert query returns data.
+
+The server is the shared `smollm` one: LoRA on, with two adapters and one
+adapter slot, so the dashboard's Adapters row has data too (requests naming
+the adapters swap them in the slot).
+"""
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import socket
@@ -24,6 +30,8 @@ from tests.server_process import ServerProcess
 pytestmark = pytest.mark.engine
 PROMETHEUS = shutil.which("prometheus")
 RATE_WINDOW = "30s"
+# The smollm server's adapters (--lora-modules in tests/server_process.py).
+ADAPTERS = ("smollm2-135m-instruct-lora-a", "smollm2-135m-instruct-lora-b")
 
 
 def _free_port() -> int:
@@ -34,14 +42,14 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def prometheus(llama: ServerProcess) -> Iterator[str]:
+def prometheus(smollm: ServerProcess) -> Iterator[str]:
     assert PROMETHEUS, "prometheus is missing: apt-get install prometheus (make install does it)"
     workdir = Path(tempfile.mkdtemp(prefix="llmgrpc-prom-"))
     config = workdir / "prometheus.yml"
     config.write_text(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
         "scrape_configs:\n  - job_name: llmgrpc\n    static_configs:\n"
-        f"      - targets: ['127.0.0.1:{llama.metrics_port}']\n"
+        f"      - targets: ['127.0.0.1:{smollm.metrics_port}']\n"
     )
     port = _free_port()
     proc = subprocess.Popen(
@@ -75,11 +83,13 @@ def _query(url: str, expr: str) -> list[dict]:
 
 
 def _drive_load(target: str, seconds: float) -> None:
-    """Mixed traffic: unary, streams, cancelled, bad input, deadline exceeded, tokenize."""
+    """Mixed traffic: unary, streams, cancelled, bad input, deadline exceeded, tokenize,
+    and the base model and both adapters in turn."""
     deadline = time.monotonic() + seconds
+    models = itertools.cycle(("", *ADAPTERS))
     with Client(target, timeout=60) as client:
         while time.monotonic() < deadline:
-            client.generate("The metrics test", max_tokens=24, temperature=0.0)
+            client.generate("The metrics test", model=next(models), max_tokens=24, temperature=0.0)
             for _ in client.stream("A shared prefix for the prefix cache", max_tokens=24):
                 pass
             stream = client.stream("Cancelled early", max_tokens=500, ignore_eos=True)
@@ -96,10 +106,10 @@ def _drive_load(target: str, seconds: float) -> None:
 
 
 def test_every_dashboard_and_alert_query_returns_data(
-    llama: ServerProcess, prometheus: str
+    smollm: ServerProcess, prometheus: str
 ) -> None:
     # Several parallel clients for ~25 s: rate() windows need samples on both sides.
-    workers = [threading.Thread(target=_drive_load, args=(llama.target, 25)) for _ in range(3)]
+    workers = [threading.Thread(target=_drive_load, args=(smollm.target, 25)) for _ in range(3)]
     for w in workers:
         w.start()
     for w in workers:

@@ -27,10 +27,11 @@ GRID_COLUMNS = 24
 BUILTIN_VARIABLES = {"__rate_interval", "__interval", "__range"}
 MODEL = 'model_name=~"$model_name"'
 POD = 'pod=~"$pod"'
-# grpc_server_* and vllm:cache_config_info carry no model_name label: their
-# selectors are kept to the targets that serve the selected models.
+# grpc_server_*, vllm:cache_config_info and vllm:lora_requests_info carry no
+# model_name label: their selectors are kept to the targets that serve the
+# selected models.
 SCOPE = 'and on (job, instance) llmgrpc_model_info{model_name=~"$model_name", pod=~"$pod"}'
-UNSCOPED = ("grpc_server_", "vllm:cache_config_info")
+UNSCOPED = ("grpc_server_", "vllm:cache_config_info", "vllm:lora_requests_info")
 
 
 @pytest.fixture(scope="module")
@@ -215,6 +216,24 @@ def test_required_panels_are_there(exprs: list[tuple[str, str]], dashboard: dict
         assert label in json.dumps(below), label
 
 
+def test_the_adapters_row(dashboard: dict[str, Any]) -> None:
+    """Requests and tokens by adapter, swaps, and vLLM's running/waiting adapters
+    with max_lora: under the Adapters row, before the next row."""
+    top = dashboard["panels"]
+    start = next(i for i, p in enumerate(top) if p["type"] == "row" and p["title"] == "Adapters")
+    end = next((i for i in range(start + 1, len(top)) if top[i]["type"] == "row"), len(top))
+    exprs = [t["expr"] for p in top[start + 1 : end] for t in p["targets"]]
+    for needle in ("sum by (lora_adapter) (rate(llmgrpc_lora_requests_total{",
+                   "sum by (lora_adapter) (rate(llmgrpc_lora_generated_tokens_total{",
+                   "rate(llmgrpc_lora_adapter_activations_total{",
+                   "rate(llmgrpc_lora_adapter_loads_total{",
+                   "topk by (job, instance) (1, vllm:lora_requests_info{"):  # fmt: skip
+        assert any(needle in e for e in exprs), needle
+    table = next(p for p in top[start + 1 : end] if p["type"] == "table")
+    shown = table["transformations"][0]["options"]["indexByName"]
+    assert {"running_lora_adapters", "waiting_lora_adapters", "max_lora"} <= set(shown)
+
+
 def test_queries_are_valid_promql(tmp_path: Path) -> None:
     """promtool parses every query, once Grafana's variables are substituted."""
     promtool = require_promtool()
@@ -276,6 +295,7 @@ def test_service_metrics_match_the_list() -> None:
     registry = CollectorRegistry()
     metrics.GrpcMetrics(registry)
     metrics.ServiceMetrics("m", registry)
+    metrics.LoraSwapMetrics("m", lambda: (0, 0), registry)  # with LoRA on
     exposed = {
         f.name + ("_total" if f.type == "counter" else ""): f.type for f in registry.collect()
     }
