@@ -26,6 +26,7 @@ import pytest
 from llmgrpc import AsyncClient, Client
 from llmgrpc.client import generate_request
 
+from tests import otlp_receiver
 from tests.settings import STARTUP_TIMEOUT
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,6 +79,9 @@ ADMIN_TOKEN_FILE = _ADMIN / "admin-tokens"
 ADMIN_TOKEN_FILE.write_text(ADMIN_TOKEN + "\n")
 ADAPTER_DIR = _ADMIN / "adapters"
 ADAPTER_DIR.mkdir()
+# In a server's arguments, the endpoint of the session's OTLP trace receiver
+# (tests/otlp_receiver.py): launch() starts it first, if no server has.
+OTLP_RECEIVER = "<otlp-receiver>"
 SHARED: dict[str, list[str]] = {
     "llama": ["--model", "tiny-llama-gqa",
               "--max-in-flight", str(LLAMA_MAX_IN_FLIGHT),
@@ -99,11 +103,14 @@ SHARED: dict[str, list[str]] = {
     # image runs it, to start in seconds.
     # With the default model's two demo LoRA adapters and one adapter slot, so
     # that requests naming both rotate them (tests/integration/test_lora.py).
+    # Exporting its spans and vLLM's to the session's OTLP trace receiver
+    # (tests/integration/test_tracing.py).
     "smollm": ["--model", "smollm2-135m-instruct", "--dtype", "float32", "--enforce-eager",
                "--lora-modules", *(f"smollm2-135m-instruct-lora-{x}=smollm2-135m-instruct-lora-{x}"
                                    for x in "ab"),
                "--max-loras", "1", "--max-cpu-loras", "4",
-               "--admin-token-file", str(ADMIN_TOKEN_FILE), "--adapter-dir", str(ADAPTER_DIR)],
+               "--admin-token-file", str(ADMIN_TOKEN_FILE), "--adapter-dir", str(ADAPTER_DIR),
+               "--otlp-traces-endpoint", OTLP_RECEIVER],
 }  # fmt: skip
 # Fixtures that start or hold a real engine server; tests using one must be
 # marked `engine` (checked at collection by tests/conftest.py).
@@ -204,6 +211,7 @@ class ServerProcess:
 
 
 def launch(args: list[str], name: str = "server", **kw: object) -> ServerProcess:
+    args = [otlp_receiver.shared().endpoint if a == OTLP_RECEIVER else a for a in args]
     log_dir = Path(tempfile.mkdtemp(prefix=f"llmgrpc-{name}-"))
     return ServerProcess(args=args, log_path=log_dir / "server.log", **kw).start()  # type: ignore[arg-type]
 
