@@ -127,7 +127,7 @@ def test_a_worker_stuck_in_state_d_fails_only_once_it_persists(leader: int, tmp_
     state.write_text(json.dumps({"10": [time.time() - 121, 105]}))  # in D, idle, for two minutes
     stuck = check(*args, state_file=state)
     assert stuck.returncode == 1
-    assert "state D, idle, for 12" in stuck.stdout
+    assert "state D or T, idle, for 12" in stuck.stdout
     # Out of D: its sighting is forgotten.
     (proc / "10" / "stat").write_text(_stat(10, "VLLM::Worker", "S", 1))
     assert check(*args, state_file=state).returncode == 0
@@ -158,3 +158,23 @@ def test_zombies_do_not_count_as_workers(leader: int, tmp_path: pathlib.Path) ->
                    "--leader-port", str(leader), state_file=tmp_path / "s")  # fmt: skip
     assert result.returncode == 1
     assert "2 live worker processes of 3" in result.stdout
+
+
+def test_a_stopped_worker_fails_once_it_stays_stopped(tree: tuple[int, list[int]], leader: int, tmp_path: pathlib.Path) -> None:
+    """SIGSTOP, as docs/spikes/multinode-cpu.md froze a node: a real process in state T."""
+    pid, kids = tree
+    subprocess.run(["kill", "-STOP", str(kids[0])], check=True)
+    deadline = time.monotonic() + 10
+    while pathlib.Path(f"/proc/{kids[0]}/stat").read_text().split(") ")[1][0] != "T":
+        assert time.monotonic() < deadline, "the stopped child never showed state T"
+        time.sleep(0.05)
+    state = tmp_path / "state.json"
+    args = ("--pid", str(pid), "--min-workers", "2", "--leader", "127.0.0.1",
+            "--leader-port", str(leader), "--stuck-seconds", "120")  # fmt: skip
+    assert check(*args, state_file=state).returncode == 0  # first sighting
+    since, work = json.loads(state.read_text())[str(kids[0])]
+    state.write_text(json.dumps({str(kids[0]): [since - 121, work]}))
+    stopped = check(*args, state_file=state)
+    assert stopped.returncode == 1
+    assert "state D or T, idle" in stopped.stdout
+    subprocess.run(["kill", "-CONT", str(kids[0])], check=True)

@@ -8,11 +8,12 @@ when any of these holds:
 1. The worker's vLLM process (--pid, PID 1 in the container) has fewer than
    --min-workers live child processes: a GPU worker process died or is a
    zombie while the parent lingers.
-2. One of those processes has been in uninterruptible sleep (state D) at
-   every probe for --stuck-seconds or more without using CPU or reading or
-   writing a byte: stuck in the GPU driver or on a hung network filesystem
-   (the model cache). The first sighting is kept in --state-file; a process
-   that loads weights from a slow volume is in D often, but makes progress.
+2. One of those processes has been in uninterruptible sleep (state D) or
+   stopped (T, t) at every probe for --stuck-seconds or more without using
+   CPU or reading or writing a byte: stuck in the GPU driver, on a hung
+   network filesystem (the model cache), or frozen by a signal. The first
+   sighting is kept in --state-file; a process that loads weights from a slow
+   volume is in D often, but makes progress.
 3. The leader's port (--leader-port on $LWS_LEADER_ADDRESS) does not accept a
    TCP connection within --timeout seconds: the leader, its process group's
    store, or the network between the nodes is gone.
@@ -36,6 +37,8 @@ from dataclasses import dataclass
 
 # On the pod's /tmp emptyDir: it lasts as long as the container.
 STATE_FILE = pathlib.Path("/tmp/worker-check.json")
+# Uninterruptible sleep, stopped by a signal, stopped by a tracer.
+STUCK_STATES = ("D", "T", "t")
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,7 @@ def children(proc: pathlib.Path, parent: int) -> dict[int, Child]:
 
 
 def stuck_for(kids: dict[int, Child], state_file: pathlib.Path, now: float) -> float:
-    """How long some child has sat in state D without any work done, by the first
+    """How long some child has sat in state D or T without any work done, by the first
     such sighting kept in state_file. A process that reads a slow volume is in D
     at many probes too, but its bytes read grow between them."""
     try:
@@ -79,7 +82,7 @@ def stuck_for(kids: dict[int, Child], state_file: pathlib.Path, now: float) -> f
         seen = {}
     stuck = {}
     for pid, child in kids.items():
-        if child.state != "D":
+        if child.state not in STUCK_STATES:
             continue
         since, work = seen.get(pid, (now, child.work))
         stuck[pid] = (since, work) if work == child.work else (now, child.work)
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     stuck = stuck_for(kids, args.state_file, time.time())
     if stuck >= args.stuck_seconds:
-        print(f"worker-check: a worker process has been in state D, idle, for {stuck:.0f} s")
+        print(f"worker-check: a worker process has been in state D or T, idle, for {stuck:.0f} s")
         return 1
     if not args.leader:
         print("worker-check: no leader address (LWS_LEADER_ADDRESS is unset)")
