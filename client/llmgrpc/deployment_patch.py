@@ -23,6 +23,7 @@ from llmgrpc.topology import EP_DP, Topology
 GPU_RESOURCE = "nvidia.com/gpu"
 LWS_NAME = "llmgrpc-lws"  # deploy/k8s/multinode/leaderworkerset.yaml
 MASTER_PORT = 29501  # the multinode base's rendezvous port
+DP_RPC_PORT = 13345  # the leader's data-parallel handshake port (the EP overlay's)
 # The server flags each base runs with; their drain timeouts match the bases'
 # terminationGracePeriodSeconds (70 s single node, 160 s for a LeaderWorkerSet leader).
 DEPLOYMENT_SERVER_ARGS = ("--port=50051", "--metrics-port=9400", "--drain-timeout=30")
@@ -55,10 +56,21 @@ def vllm_args(t: Topology, native_weight_dtype: str) -> list[str]:
     return args
 
 
-def multinode_args() -> tuple[list[str], list[str]]:
-    """(leader, worker) flags joining the group: vLLM's --nnodes/--node-rank launch wired
-    to LeaderWorkerSet's env. vLLM infers a node's data-parallel ranks from its node
-    rank too, so the same flags serve TP x PP and EP/DP groups of any size."""
+def multinode_args(t: Topology) -> tuple[list[str], list[str]]:
+    """(leader, worker) flags joining the group, wired to LeaderWorkerSet's env.
+
+    TP x PP: vLLM's --nnodes/--node-rank launch (one engine spanning the nodes).
+    EP/DP: vLLM's data-parallel launch, as its expert-parallel deployment guide and
+    the gpu-deepseek-v3-ep overlay do: each node runs --data-parallel-size-local ranks
+    and the remote ones register with the leader on --data-parallel-rpc-port; a
+    worker's first rank comes from its index (WORKER_DP_COMMAND)."""
+    if t.layout.kind == EP_DP:
+        common = [
+            f"--data-parallel-size-local={t.layout.dp // t.nodes}",
+            "--data-parallel-address=$(LWS_LEADER_ADDRESS)",
+            f"--data-parallel-rpc-port={DP_RPC_PORT}",
+        ]
+        return common, [*common, "--headless"]
     common = [
         "--nnodes=$(LWS_GROUP_SIZE)",
         "--master-addr=$(LWS_LEADER_ADDRESS)",
@@ -67,6 +79,17 @@ def multinode_args() -> tuple[list[str], list[str]]:
     leader = [common[0], "--node-rank=0", *common[1:]]
     worker = [common[0], "--node-rank=$(LWS_WORKER_INDEX)", *common[1:], "--headless"]
     return leader, worker
+
+
+def worker_dp_command(local_ranks: int) -> list[str]:
+    """The worker's command for a data-parallel group: vLLM serve with its args and
+    --data-parallel-start-rank = LWS_WORKER_INDEX x ranks per node (arithmetic that a
+    Kubernetes $(VAR) reference cannot do, so a shell does it, then execs vLLM)."""
+    script = (
+        'exec python3 -m vllm.entrypoints.cli.main serve "$@" '
+        f"--data-parallel-start-rank=$((LWS_WORKER_INDEX * {local_ranks}))"
+    )
+    return ["/bin/sh", "-c", script, "vllm-worker"]
 
 
 def patch(t: Topology, gpu: GpuType, model: str, served_name: str, native: str) -> dict[str, Any]:
@@ -107,7 +130,7 @@ def deployment_patch(t: Topology, gpu: GpuType, engine: list[str]) -> dict[str, 
 
 
 def leaderworkerset_patch(t: Topology, gpu: GpuType, engine: list[str]) -> dict[str, Any]:
-    leader, worker = multinode_args()
+    leader, worker = multinode_args(t)
     # A headless node's vLLM process has one child per GPU (TP x PP) or per DP rank.
     processes = t.gpus_per_node // (t.layout.tp if t.layout.kind == EP_DP else 1)
     # vLLM closes the DP handshake port after startup; the leader's gRPC port lives
@@ -135,6 +158,12 @@ def leaderworkerset_patch(t: Topology, gpu: GpuType, engine: list[str]) -> dict[
             _replace(f"{pod}/volumes/1/emptyDir/sizeLimit", f"{DSHM_GIB[1]}Gi"),  # dshm
         ]
     worker_probes = f"{lwt}/workerTemplate/spec/containers/0"
+    if t.layout.kind == EP_DP:
+        ops += [
+            _replace(f"{worker_probes}/command", worker_dp_command(t.layout.dp // t.nodes)),
+            _replace(f"{lwt}/leaderTemplate/spec/containers/0/ports/2",
+                     {"name": "dp-rpc", "containerPort": DP_RPC_PORT, "protocol": "TCP"}),
+        ]  # fmt: skip
     ops += [
         _replace(f"{worker_probes}/{probe}/exec/command", check)
         for probe in ("startupProbe", "livenessProbe")

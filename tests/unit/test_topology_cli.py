@@ -229,10 +229,23 @@ def test_multinode_patch_renders_onto_the_leaderworkerset(
         assert _gpus(container) == t["gpus_per_node"]
         assert container["image"] == "llmgrpc"  # the base's container, only patched
     assert _role_flags(leader["args"], LEADER_ONLY) == _role_flags(worker["args"], WORKER_ONLY)
-    assert flag(leader["args"], "--node-rank") == "0"
-    assert flag(worker["args"], "--node-rank") == "$(LWS_WORKER_INDEX)"
     assert "--headless" in worker["args"] and "--headless" not in leader["args"]
-    assert flag(leader["args"], "--nnodes") == "$(LWS_GROUP_SIZE)"
+    if t["expert_parallel"]:
+        # vLLM's data-parallel launch (its EP guide; the gpu-deepseek-v3-ep overlay):
+        # no --nnodes, which counts TP x PP ranks and would refuse TP 1 over 2 nodes.
+        local = t["dp"] // t["nodes"]
+        for container in (leader, worker):
+            assert flag(container["args"], "--data-parallel-size-local") == str(local)
+            assert flag(container["args"], "--data-parallel-address") == "$(LWS_LEADER_ADDRESS)"
+            assert flag(container["args"], "--nnodes") is None
+        shell, dash_c, script, _ = worker["command"]
+        assert (shell, dash_c) == ("/bin/sh", "-c")
+        assert f"--data-parallel-start-rank=$((LWS_WORKER_INDEX * {local}))" in script
+        assert script.startswith('exec python3 -m vllm.entrypoints.cli.main serve "$@" ')
+    else:
+        assert flag(leader["args"], "--node-rank") == "0"
+        assert flag(worker["args"], "--node-rank") == "$(LWS_WORKER_INDEX)"
+        assert flag(leader["args"], "--nnodes") == "$(LWS_GROUP_SIZE)"
     for pod in (template["leaderTemplate"], template["workerTemplate"]):
         dshm = pod["spec"]["volumes"][1]
         assert (dshm["name"], dshm["emptyDir"]["sizeLimit"]) == ("dshm", "64Gi")
@@ -262,3 +275,20 @@ def test_plan_agrees_with_the_multinode_overlays(
     # vLLM's defaults: TP 1 and PP 1 may be written out or left implicit.
     implicit = {"--tensor-parallel-size=1", "--pipeline-parallel-size=1"}
     assert planned_flags == overlay_flags - implicit
+
+
+def test_data_parallel_worker_command_runs_vllm_with_its_first_rank(tmp_path: pathlib.Path) -> None:
+    """The worker's shell computes --data-parallel-start-rank from LWS_WORKER_INDEX and
+    execs vLLM with the container's args (a stand-in python3 echoes what it got)."""
+    import subprocess
+
+    from llmgrpc.deployment_patch import worker_dp_command
+
+    fake = tmp_path / "python3"
+    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    fake.chmod(0o755)
+    command = [*worker_dp_command(8), "--data-parallel-size=24", "--headless"]
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "LWS_WORKER_INDEX": "2"}
+    out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["-m", "vllm.entrypoints.cli.main", "serve", "--data-parallel-size=24",
+                           "--headless", "--data-parallel-start-rank=16"]  # fmt: skip
