@@ -83,6 +83,13 @@ def test_rendezvous_connections_counts_the_stores_clients() -> None:
     assert rendezvous_connections(port) is None  # nothing listens any more
 
 
+def unused_port() -> int:
+    """A port nobody listens on (yet): no store is open there."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 class Lines(logging.Handler):
     """The log's lines as they come, for a test to wait on."""
 
@@ -106,9 +113,7 @@ async def test_the_leader_logs_the_nodes_it_waits_for(monkeypatch: pytest.Monkey
     logger, lines = logging.getLogger(multinode.__name__), Lines()
     monkeypatch.setattr(logger, "level", logging.INFO)
     logger.addHandler(lines)
-    with socket.socket() as probe:  # a port nobody listens on, yet
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = unused_port()
     _, args = parse(leader(port))
     loaded = asyncio.Event()
 
@@ -132,5 +137,26 @@ async def test_the_leader_logs_the_nodes_it_waits_for(monkeypatch: pytest.Monkey
             assert not waiting.done()  # the engine's start goes on
             loaded.set()
             assert await asyncio.wait_for(waiting, 10) == "engine"
+    finally:
+        logger.removeHandler(lines)
+
+
+async def test_an_engine_up_between_two_polls_still_logs_that_all_joined(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(multinode, "POLL_INTERVAL", 3600.0)
+    logger, lines = logging.getLogger(multinode.__name__), Lines()
+    monkeypatch.setattr(logger, "level", logging.INFO)
+    logger.addHandler(lines)
+    port = unused_port()
+    _, args = parse(leader(port))
+
+    async def load() -> str:
+        await lines.until("waiting for node 0's rendezvous to open")  # the one poll
+        return "engine"
+
+    try:
+        assert await asyncio.wait_for(multinode.while_joining(args, load), 10) == "engine"
+        assert lines.lines[-1] == f"all 2 nodes joined at 127.0.0.1:{port} (2 ranks)"
     finally:
         logger.removeHandler(lines)

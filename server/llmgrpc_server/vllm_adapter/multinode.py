@@ -133,11 +133,14 @@ async def while_joining(args: Any, start: Callable[[], Awaitable[T]]) -> T:
     )  # fmt: skip
     watch = asyncio.ensure_future(_watch(where))
     try:
-        return await start()
+        engine = await start()
     finally:
         watch.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watch
+    if watch.cancelled():  # the engine came up between two polls: all had joined
+        _log_joined(where)
+    return engine
 
 
 async def _watch(where: Topology) -> None:
@@ -148,13 +151,16 @@ async def _watch(where: Topology) -> None:
     while True:
         connected = rendezvous_connections(where.master_port)
         if connected is not None and connected >= where.world_size:
-            log.info("all %d nodes joined at %s (%d ranks); loading the model",
-                     where.nnodes, where.address, where.world_size)  # fmt: skip
+            _log_joined(where)
             return
         if connected != last or loop.time() - logged_at >= REMIND_INTERVAL:
             _log_waiting(where, connected)
             last, logged_at = connected, loop.time()
         await asyncio.sleep(POLL_INTERVAL)
+
+
+def _log_joined(where: Topology) -> None:
+    log.info("all %d nodes joined at %s (%d ranks)", where.nnodes, where.address, where.world_size)
 
 
 def _log_waiting(where: Topology, connected: int | None) -> None:
