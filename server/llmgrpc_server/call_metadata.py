@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from contextvars import ContextVar
 
 # The request id a proxy or caller sets, used when the message's own is empty,
 # and echoed in the answer's initial metadata.
@@ -14,6 +15,12 @@ _TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 # W3C: a tracestate of 32 members of at most 256 characters; vendors may drop
 # one over 512 characters rather than carry it.
 MAX_TRACESTATE_CHARS = 512
+# Set by the interceptor while a traced call runs (tracing.py): the W3C context of
+# the call's own span, handed to the engine instead of the caller's so that vLLM's
+# spans are children of ours (caller -> our RPC span -> vLLM's llm_request).
+SERVER_SPAN_CONTEXT: ContextVar[tuple[tuple[str, str], ...] | None] = ContextVar(
+    "server_span_context", default=None
+)
 
 
 def _values(metadata: Iterable[tuple[str, str | bytes]], key: str) -> list[str]:
@@ -42,6 +49,15 @@ def trace_headers(metadata: Iterable[tuple[str, str | bytes]]) -> tuple[tuple[st
     if state and len(state) <= MAX_TRACESTATE_CHARS:
         headers.append(("tracestate", state))
     return tuple(headers)
+
+
+def engine_trace_headers(
+    metadata: Iterable[tuple[str, str | bytes]],
+) -> tuple[tuple[str, str], ...]:
+    """The trace context to hand the engine: our call's span when tracing is on,
+    else the caller's (trace_headers)."""
+    server_span = SERVER_SPAN_CONTEXT.get()
+    return server_span if server_span is not None else trace_headers(metadata)
 
 
 def _valid_traceparent(value: str) -> bool:

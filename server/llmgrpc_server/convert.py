@@ -63,7 +63,7 @@ def to_generation_request(
         received=received,
         adapter=adapter,
         truncate_prompt_tokens=truncate,
-        trace_headers=call_metadata.trace_headers(metadata),
+        trace_headers=call_metadata.engine_trace_headers(metadata),
         priority=_priority(msg, limits),
     )
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from llmgrpc_server import call_metadata
 from llmgrpc_server.admission import ConnectionLimit
 from llmgrpc_server.errors import InvalidArgument, ServiceError, to_status
 from llmgrpc_server.metrics import GrpcMetrics, ServiceMetrics
@@ -176,6 +177,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                     raise request.error
                 if call.span is not None:
                     call.span.request(request, context.invocation_metadata())
+                    # The handler runs in this call's task: the engine sees our span.
+                    call_metadata.SERVER_SPAN_CONTEXT.set(call.span.context_headers())
                 with self._place(call, context):
                     response = await behavior(request, context)
                 self._grpc.msg_sent.labels(*call.labels).inc()
@@ -204,6 +207,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                     raise request.error
                 if span is not None:
                     span.request(request, context.invocation_metadata())
+                    call_metadata.SERVER_SPAN_CONTEXT.set(span.context_headers())
                 with self._place(call, context):
                     async for response in behavior(request, context):
                         if span is not None:

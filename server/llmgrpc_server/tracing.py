@@ -130,7 +130,7 @@ class Tracing:
             kind=trace.SpanKind.SERVER,
             attributes={RPC_SYSTEM: "grpc", RPC_SERVICE: service, RPC_METHOD: method},
         )
-        return RpcSpan(span, self.model_name if service == LLM_SERVICE else None)
+        return RpcSpan(span, self.model_name if service == LLM_SERVICE else None, self._propagator)
 
     def force_flush(self) -> bool:
         return self._provider.force_flush()
@@ -144,11 +144,20 @@ class Tracing:
 class RpcSpan:
     """One call's span: what its request and responses say, then its status."""
 
-    __slots__ = ("_model", "_span")
+    __slots__ = ("_model", "_propagator", "_span")
 
-    def __init__(self, span: trace.Span, model_name: str | None) -> None:
+    def __init__(
+        self, span: trace.Span, model_name: str | None, propagator: TraceContextTextMapPropagator
+    ) -> None:
         self._span = span
         self._model = model_name
+        self._propagator = propagator
+
+    def context_headers(self) -> tuple[tuple[str, str], ...]:
+        """This span's W3C trace context (traceparent, tracestate), for the engine."""
+        carrier: dict[str, str] = {}
+        self._propagator.inject(carrier, context=trace.set_span_in_context(self._span))
+        return tuple(sorted(carrier.items()))
 
     def request(self, msg: object, metadata: Sequence[tuple[str, str | bytes]] | None) -> None:
         """The model a call names (an adapter or the base model) and its request id."""

@@ -51,9 +51,9 @@ def test_our_spans_and_vllms_continue_the_callers_trace(smollm: ServerProcess) -
         assert span.attributes["gen_ai.request.model"] == MODEL
         assert span.attributes["gen_ai.usage.input_tokens"] == final.usage.prompt_tokens
         assert span.attributes["gen_ai.usage.output_tokens"] == final.usage.completion_tokens
-        # vLLM's span: the same call, a child of the caller's span too.
+        # vLLM's span: the same call, a child of ours (caller -> our RPC span -> vLLM's).
         engine = vllm[request_id]
-        assert engine.parent_span_id == CALLER_SPAN_ID
+        assert engine.parent_span_id == span.span_id
         assert engine.attributes["gen_ai.usage.prompt_tokens"] == final.usage.prompt_tokens
         assert engine.attributes["gen_ai.usage.completion_tokens"] == final.usage.completion_tokens
     assert ours["trace-unary"].name == "llmgrpc.v1.LLMService/Generate"

@@ -131,6 +131,11 @@ async def test_generate_and_stream_spans_are_children_of_the_callers_span(
     assert spans["Generate"].attributes["gen_ai.usage.output_tokens"] == 5
     assert spans["GenerateStream"].attributes["gen_ai.usage.output_tokens"] == 3
     assert spans["Generate"].span_id != spans["GenerateStream"].span_id
+    # The engine gets our span's context, not the caller's: its spans are our children.
+    handed = [dict(r.trace_headers) for r in traced_server.engine.requests[-2:]]
+    for headers, method in zip(handed, ("Generate", "GenerateStream"), strict=True):
+        assert headers["traceparent"] == f"00-{TRACE_ID}-{spans[method].span_id}-01"
+        assert headers["tracestate"] == TRACESTATE
 
 
 async def test_a_callers_error_is_recorded_and_a_server_error_is_an_error_span(
