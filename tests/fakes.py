@@ -52,6 +52,8 @@ class FakeEngine:
                 "rope_theta": 10000.0,
             },
             has_chat_template=True, max_logprobs=20,
+            priority_scheduling=self._limits.priority_scheduling,
+            max_n=self._limits.caps.max_n_sequences,
         )  # fmt: skip
 
     def check_model(self, adapter: str | None) -> None:

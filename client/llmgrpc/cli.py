@@ -232,6 +232,10 @@ def cmd_info(args: argparse.Namespace) -> int:
          if info.max_model_len else "?"),
         ("vocab", str(info.vocab_size)),
         ("chat template", "yes" if info.capabilities.chat_template else "no"),
+        ("sampling", f"n up to {info.capabilities.max_n}, logprobs up to "
+                     f"{info.capabilities.max_logprobs}, priority "
+                     + ("scheduled (lower first)" if info.capabilities.priority_scheduling
+                        else "off (first come, first served)")),
         *_lora_rows(info),
     ]  # fmt: skip
     width = max(len(k) for k, _ in rows)

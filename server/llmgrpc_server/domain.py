@@ -215,6 +215,8 @@ class ModelInfo:
     has_chat_template: bool
     max_logprobs: int
     lora: LoraSupport = field(default_factory=LoraSupport)
+    priority_scheduling: bool = False
+    max_n: int = 1
     adapters: tuple[AdapterInfo, ...] = ()
 
 

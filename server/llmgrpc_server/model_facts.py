@@ -88,6 +88,8 @@ def to_model_info_response(info: domain.ModelInfo, service_version: str) -> pb.G
             chat_template=info.has_chat_template,
             structured_output=list(STRUCTURED_OUTPUT_KINDS),
             max_logprobs=info.max_logprobs,
+            priority_scheduling=info.priority_scheduling,
+            max_n=info.max_n,
         ),
         lora=pb.LoraSupport(
             enabled=info.lora.enabled, max_loras=info.lora.max_loras,

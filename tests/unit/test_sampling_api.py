@@ -510,6 +510,14 @@ async def test_a_priority_reaches_an_engine_that_schedules_by_it(srv: FakeServer
         assert srv.engine.requests[-1].priority == priority
 
 
+async def test_model_info_advertises_priority_and_the_n_cap(srv: FakeServer,
+                                                            api: AsyncClient) -> None:  # fmt: skip
+    caps = (await api.model_info()).capabilities
+    assert (caps.priority_scheduling, caps.max_n) == (False, srv.engine.limits.caps.max_n_sequences)
+    srv.engine._limits = replace(srv.engine.limits, priority_scheduling=True)
+    assert (await api.model_info()).capabilities.priority_scheduling
+
+
 def test_vllm_gets_only_the_options_a_request_sets() -> None:
     engine = SimpleNamespace(
         _llm=SimpleNamespace(observability_config=SimpleNamespace(otlp_traces_endpoint="x:4317"))

@@ -320,6 +320,8 @@ class VllmEngine:
             has_chat_template=self._limits.has_chat_template,
             max_logprobs=self._limits.max_logprobs,
             lora=self._lora,
+            priority_scheduling=self._limits.priority_scheduling,
+            max_n=self._limits.caps.max_n_sequences,
             adapters=self.adapters.infos(),
         )
 
