@@ -19,6 +19,8 @@ from llmgrpc_server.main import parse
 from llmgrpc_server.vllm_adapter import multinode
 from llmgrpc_server.vllm_adapter.multinode import Topology, rendezvous_connections, topology
 
+from tests.waiting import eventually
+
 
 def leader(master_port: int = 29517) -> list[str]:
     return ["--model", "tiny-llama-gqa", "--nnodes", "2", "--node-rank", "0",
@@ -160,3 +162,56 @@ async def test_an_engine_up_between_two_polls_still_logs_that_all_joined(
         assert lines.lines[-1] == f"all 2 nodes joined at 127.0.0.1:{port} (2 ranks)"
     finally:
         logger.removeHandler(lines)
+
+
+class Llm:
+    """AsyncLLM's two members NodeWatch reads: each check answers after `answer_after` s."""
+
+    def __init__(self, answer_after: float) -> None:
+        self.errored = False
+        self.answer_after = answer_after
+        self.checks = 0
+
+    async def collective_rpc(self, method: str, timeout: float) -> list[None]:
+        assert (method, timeout) == ("check_health", multinode.CHECK_TIMEOUT)
+        self.checks += 1
+        if self.answer_after > timeout:  # vLLM's executor gives up at its timeout
+            await asyncio.sleep(timeout)
+            raise TimeoutError("RPC call to check_health timed out.")
+        await asyncio.sleep(self.answer_after)
+        return [None, None]
+
+
+TWO_NODES = Topology(2, 0, "127.0.0.1", 29517, world_size=2)
+
+
+async def test_node_watch_counts_a_node_that_does_not_answer_as_lost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(multinode, "CHECK_INTERVAL", 0.01)
+    monkeypatch.setattr(multinode, "CHECK_TIMEOUT", 0.2)
+    healthy, gone = Llm(answer_after=0.0), Llm(answer_after=60.0)
+    watches = [multinode.NodeWatch(healthy, TWO_NODES), multinode.NodeWatch(gone, TWO_NODES)]
+    try:
+        assert await eventually(lambda: watches[1].lost, 10)
+        assert gone.checks == 1
+        assert await eventually(lambda: healthy.checks >= 5, 10)
+        assert not watches[0].lost
+    finally:
+        for watch in watches:
+            watch.stop()
+
+
+async def test_node_watch_leaves_a_dead_engine_and_one_node_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(multinode, "CHECK_INTERVAL", 0.01)
+    dead, alone = Llm(answer_after=0.0), Llm(answer_after=0.0)
+    dead.errored = True  # vLLM already says so: nothing to add
+    watches = [multinode.NodeWatch(dead, TWO_NODES),
+               multinode.NodeWatch(alone, Topology(1, 0, "127.0.0.1", 29517, world_size=1))]  # fmt: skip
+    await asyncio.sleep(0.2)
+    assert (dead.checks, alone.checks) == (0, 0)
+    assert not any(watch.lost for watch in watches)
+    for watch in watches:
+        watch.stop()

@@ -51,6 +51,7 @@ class VllmEngine:
         known_adapters: frozenset[str] = frozenset(),
     ) -> None:  # fmt: skip
         self._llm = llm
+        self._nodes: multinode.NodeWatch | None = None  # the other nodes, if any
         self._max_tokens_per_message = max_tokens_per_message
         self._model_path = model_path
         # The Hugging Face tokenizer itself: vLLM's TokenizerLike protocol omits
@@ -109,6 +110,7 @@ class VllmEngine:
             size_caps=size_caps,
             known_adapters=known_adapters,
         )
+        engine._nodes = multinode.NodeWatch(llm, multinode.topology(args))
         for name, path in lora_modules:  # before SERVING: a request finds them loaded
             await lora.load(llm, engine.adapters, name, Path(path), "startup")
         await lora.export_swaps(llm, engine.limits.model_names[0])
@@ -122,7 +124,7 @@ class VllmEngine:
 
     @property
     def is_dead(self) -> bool:
-        return bool(self._llm.errored)
+        return bool(self._llm.errored) or (self._nodes is not None and self._nodes.lost)
 
     def num_unfinished_requests(self) -> int:
         return int(self._llm.output_processor.get_num_unfinished_requests())
@@ -148,6 +150,8 @@ class VllmEngine:
         await self._llm.remove_lora(adapter.lora_id)
 
     async def shutdown(self) -> None:
+        if self._nodes is not None:
+            self._nodes.stop()
         await asyncio.to_thread(self._llm.shutdown)
 
     async def generate(self, request: domain.GenerationRequest) -> AsyncIterator[domain.Delta]:

@@ -13,6 +13,11 @@ module says what the leader waits for: it counts the store's connections
 (one per rank) in the kernel's socket table, so it joins no group and
 changes nothing in vLLM, and logs each change. Health stays NOT_SERVING
 throughout, as during any load (server.py).
+
+Once up, vLLM notices a lost node only inside a step: its worker monitor
+watches local processes only, so a node that dies or hangs while the engine
+is idle goes unseen until the next request fails (docs/spikes/multinode-cpu.md).
+`NodeWatch` closes that gap with vLLM's own health RPC to every rank.
 """
 
 from __future__ import annotations
@@ -29,6 +34,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 POLL_INTERVAL = 1.0
+# The nodes' liveness check once up: vLLM's Executor.check_health timeout (10 s),
+# every CHECK_INTERVAL seconds; a lost node is seen within their sum.
+CHECK_INTERVAL = 5.0
+CHECK_TIMEOUT = 10.0
 # While nothing changes, the wait is logged again this often.
 REMIND_INTERVAL = 30.0
 _TCP_TABLES = (Path("/proc/net/tcp"), Path("/proc/net/tcp6"))
@@ -172,3 +181,40 @@ def _log_waiting(where: Topology, connected: int | None) -> None:
         where.nodes_missing(connected), where.nnodes, where.address,
         connected, where.world_size,
     )  # fmt: skip
+
+
+class NodeWatch:
+    """Every rank of a multi-node engine answers, or the engine counts as dead.
+
+    Every CHECK_INTERVAL seconds, a `check_health` call to every worker of
+    every node (`AsyncLLM.collective_rpc`, what vLLM's own
+    `Executor.check_health` sends; the engine core runs it between steps).
+    No answer within CHECK_TIMEOUT seconds: a node died or hangs, `lost`
+    turns True, and the engine reports itself dead (the server then turns
+    NOT_SERVING, fails the calls in flight UNAVAILABLE and exits 1).
+    """
+
+    def __init__(self, llm: Any, where: Topology) -> None:
+        self.lost = False
+        self._task = asyncio.ensure_future(self._watch(llm, where)) if where.multi_node else None
+
+    async def _watch(self, llm: Any, where: Topology) -> None:
+        while True:
+            await asyncio.sleep(CHECK_INTERVAL)
+            if llm.errored:  # dead already: vLLM said so
+                return
+            try:
+                await llm.collective_rpc("check_health", timeout=CHECK_TIMEOUT)
+            except Exception:
+                if llm.errored:
+                    return
+                log.exception(
+                    "a node of the engine did not answer its health check within %g s "
+                    "(dead or hung; the engine's world is at %s)", CHECK_TIMEOUT, where.address,
+                )  # fmt: skip
+                self.lost = True
+                return
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
