@@ -101,6 +101,16 @@ def lora_swaps() -> tuple[int, int]:
     return _swaps["activations"], _swaps["loads"]
 
 
+def counting_lora_swaps() -> bool:
+    """Whether count_lora_swaps has run in this process (VLLM_PLUGINS may
+    leave the plugin out, and then it runs in none of vLLM's processes)."""
+    try:
+        from vllm.v1.worker.worker_base import WorkerWrapperBase
+    except ImportError:
+        return False
+    return hasattr(WorkerWrapperBase, LORA_SWAPS_RPC)
+
+
 def _counted(method: Callable[..., Any], key: str, *, when: Callable[[Any], bool]) -> Any:
     def run(self: Any, *args: Any, **kw: Any) -> Any:
         result = method(self, *args, **kw)

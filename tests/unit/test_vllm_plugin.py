@@ -80,13 +80,19 @@ def test_lora_swaps_count_activations_into_a_slot_and_answer_the_rpc() -> None:
     from types import SimpleNamespace
 
     import pytest
-    from llmgrpc_server.vllm_plugin import LORA_SWAPS_RPC, count_lora_swaps, lora_swaps
+    from llmgrpc_server.vllm_plugin import (
+        LORA_SWAPS_RPC,
+        count_lora_swaps,
+        counting_lora_swaps,
+        lora_swaps,
+    )
     from vllm.lora.model_manager import LoRAModelManager
     from vllm.lora.worker_manager import WorkerLoRAManager
     from vllm.v1.worker.worker_base import WorkerWrapperBase
 
     count_lora_swaps()
     count_lora_swaps()  # vLLM may run a plugin twice: still one count per swap
+    assert counting_lora_swaps()
     manager = SimpleNamespace(_active_adapters={}, lora_index_to_id=[None],
                               _registered_adapters={3: SimpleNamespace(id=3)}, modules={})  # fmt: skip
     activations, loads = lora_swaps()

@@ -17,7 +17,7 @@ from llmgrpc_server import domain
 from llmgrpc_server.adapters import Adapter, Registry
 from llmgrpc_server.errors import FailedPrecondition
 from llmgrpc_server.metrics import LoraSwapMetrics
-from llmgrpc_server.vllm_plugin import LORA_SWAPS_RPC
+from llmgrpc_server.vllm_plugin import LORA_SWAPS_RPC, counting_lora_swaps
 
 log = logging.getLogger(__name__)
 # A scrape waits this long for the workers' counts, then serves the last ones.
@@ -64,12 +64,15 @@ async def export_swaps(llm: AsyncLLM, model_name: str) -> None:
     caused. The counts are kept by our vLLM plugin in the workers."""
     if llm.vllm_config.lora_config is None:
         return
+    if not counting_lora_swaps():  # asking the workers would log vLLM's traces
+        log.warning("LoRA adapter swaps are not counted: VLLM_PLUGINS leaves out "
+                    "llmgrpc's vLLM plugin llmgrpc_cpu_lora")  # fmt: skip
+        return
     try:
         baseline = await _swaps(llm)
     except Exception:  # NotImplementedError's message, from the engine process
         log.warning("LoRA adapter swaps are not counted: the engine's workers do not answer "
-                    "%s (llmgrpc's vLLM plugin left out by VLLM_PLUGINS?)", LORA_SWAPS_RPC,
-                    exc_info=True)  # fmt: skip
+                    "%s", LORA_SWAPS_RPC, exc_info=True)  # fmt: skip
         return
     loop = asyncio.get_running_loop()
 
