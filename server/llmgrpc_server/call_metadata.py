@@ -15,6 +15,8 @@ _TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 # W3C: a tracestate of 32 members of at most 256 characters; vendors may drop
 # one over 512 characters rather than carry it.
 MAX_TRACESTATE_CHARS = 512
+# An ASCII metadata value gRPC sends: printable characters, no leading or trailing space.
+_METADATA_VALUE = re.compile(r"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
 # Set by the interceptor while a traced call runs (tracing.py): the W3C context of
 # the call's own span, handed to the engine instead of the caller's so that vLLM's
 # spans are children of ours (caller -> our RPC span -> vLLM's llm_request).
@@ -31,6 +33,15 @@ def value(metadata: Iterable[tuple[str, str | bytes]], key: str) -> str:
     """The first value of `key` ("" when absent)."""
     values = _values(metadata, key)
     return values[0] if values else ""
+
+
+def echo(request_id: str) -> tuple[tuple[str, str], ...]:
+    """The initial metadata that echoes the request id in use: none for an id that
+    is not a valid metadata value (printable ASCII), which a client would refuse
+    as "Invalid metadata" and fail the whole call."""
+    if _METADATA_VALUE.fullmatch(request_id):
+        return ((REQUEST_ID_KEY, request_id),)
+    return ()
 
 
 def trace_headers(metadata: Iterable[tuple[str, str | bytes]]) -> tuple[tuple[str, str], ...]:

@@ -62,7 +62,8 @@ class LLMServicer(pb_grpc.LLMServiceServicer):
             msg, self.engine.limits, deadline, received, metadata
         )
         # The id in use (given, from x-request-id, or generated), for proxies and logs.
-        await context.send_initial_metadata(((call_metadata.REQUEST_ID_KEY, req.request_id),))
+        if echo := call_metadata.echo(req.request_id):
+            await context.send_initial_metadata(echo)
         return req
 
     async def Generate(

@@ -234,6 +234,21 @@ async def test_x_request_id_is_the_request_id_when_the_field_is_empty(
     assert len(generated) == 32 and generated == echoed and streamed != generated
 
 
+async def test_a_request_id_that_is_no_metadata_value_is_served_without_the_echo(
+    api: AsyncClient,
+) -> None:
+    """gRPC metadata values are printable ASCII: a client refuses anything else as
+    "Invalid metadata" and fails the call (the fuzzer found it), so such an id is
+    not echoed; the answer still carries it."""
+    for request_id in ("café", " padded", "tab\there"):
+        unary = api.stub.Generate(generate_request("hi", max_tokens=1, request_id=request_id))
+        assert (await unary).request_id == request_id
+        assert "x-request-id" not in dict(await unary.initial_metadata())
+        stream = api.stub.GenerateStream(generate_request("hi", max_tokens=1,
+                                                          request_id=request_id))  # fmt: skip
+        assert [m async for m in stream][-1].request_id == request_id
+
+
 async def test_a_long_x_request_id_is_invalid_argument(srv: FakeServer, api: AsyncClient) -> None:
     message = await _refused(api, "hi", metadata=(("x-request-id", "r" * 257),))
     assert message == "x-request-id: at most 256 characters, got 257"
