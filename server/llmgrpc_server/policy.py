@@ -13,11 +13,12 @@ DEFAULT_MAX_TOKENS = 16
 # thread hop would cost more than they do.
 INLINE_TOKENIZE_CHARS = 16_384
 INLINE_DETOKENIZE_IDS = 4_096
-# Per-token Python work for a large Tokenize answer (token strings, offsets)
-# runs on the event loop this many tokens at a time, other calls answered in
-# between: in a thread it would hold the GIL from the loop in 5 ms turns,
-# several per health check (docs/reliability.md, "Limits").
-TOKENS_PER_LOOP_TURN = 4_096
+# A large Tokenize answer's offsets (a message each: Python work per token) are
+# added on the event loop this many at a time, other calls answered in
+# between (under a millisecond a slice here): in a thread they would hold the
+# GIL from the loop in 5 ms turns, several per health check
+# (docs/reliability.md, "Limits").
+TOKENS_PER_LOOP_TURN = 1_024
 # Under load, one message per token costs the front end and its clients more CPU
 # than the engine spends making the token (docs/benchmarks.md): a request that
 # arrives with many others in flight gets one more token per message for every

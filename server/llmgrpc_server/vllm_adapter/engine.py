@@ -34,6 +34,7 @@ from llmgrpc_server.errors import (
     Unavailable,
 )
 from llmgrpc_server.vllm_adapter import failures, lora, multinode
+from llmgrpc_server.vllm_adapter.codec import Codec
 from llmgrpc_server.vllm_adapter.outputs import OutputStream
 from llmgrpc_server.vllm_adapter.sampling import to_sampling_params
 from llmgrpc_server.vllm_adapter.settings import SUPPORTED_VLLM, cache_vllm_settings
@@ -57,6 +58,7 @@ class VllmEngine:
         # The Hugging Face tokenizer itself: vLLM's TokenizerLike protocol omits
         # offsets and chat-template typing that we rely on.
         self._tokenizer: Any = llm.get_tokenizer()
+        self._codec = Codec(self._tokenizer)
         self._in_flight: set[str] = set()
         config = llm.vllm_config.model_config
         self._limits = Limits(
@@ -260,31 +262,26 @@ class VllmEngine:
         self, text: str | None, chat: domain.Chat | None, add_special_tokens: bool | None
     ) -> domain.Tokenized:
         if _input_chars(text, chat) <= policy.INLINE_TOKENIZE_CHARS:
-            rendered, enc = self._encode(text, chat, add_special_tokens)
-            tokens = self._tokenizer.convert_ids_to_tokens(enc["input_ids"])
+            rendered, ids, offsets = self._encode(text, chat, add_special_tokens)
         else:
-            # The tokenizer's encode releases the GIL: a thread. Token strings
-            # are Python work: on the loop, a slice per turn (policy.py).
-            rendered, enc = await asyncio.to_thread(self._encode, text, chat, add_special_tokens)
-            tokens = []
-            ids = enc["input_ids"]
-            for at in range(0, len(ids), policy.TOKENS_PER_LOOP_TURN):
-                piece = ids[at : at + policy.TOKENS_PER_LOOP_TURN]
-                tokens.extend(self._tokenizer.convert_ids_to_tokens(piece))
-                await asyncio.sleep(0)
+            # Encoding releases the GIL (codec.py): a thread.
+            rendered, ids, offsets = await self._codec.in_background(
+                self._encode, text, chat, add_special_tokens
+            )
+        tokens = self._codec.tokens(ids)
         # tuple() of the tokenizer's lists runs in C, not per element in Python.
         return domain.Tokenized(
-            token_ids=tuple(enc["input_ids"]),
+            token_ids=tuple(ids),
             tokens=tuple(tokens),
-            offsets=tuple(enc["offset_mapping"]),
+            offsets=tuple(offsets),
             text=rendered,
             max_model_len=self._limits.max_model_len,
         )
 
     def _encode(
         self, text: str | None, chat: domain.Chat | None, add_special_tokens: bool | None
-    ) -> tuple[str, Any]:
-        """The text tokenized (a chat rendered first) and the tokenizer's encoding."""
+    ) -> tuple[str, list[int], list[tuple[int, int]]]:
+        """The text tokenized (a chat rendered first): the text, its ids and their offsets."""
         if chat is not None:
             text = self._render_chat(chat)
             add_special = bool(add_special_tokens)  # the template writes them
@@ -293,16 +290,15 @@ class VllmEngine:
         else:
             add_special = True if add_special_tokens is None else add_special_tokens
         assert text is not None
-        enc = self._tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
-        return text, enc
+        ids, offsets = self._codec.encode(text, add_special)
+        return text, ids, offsets
 
     async def detokenize(self, token_ids: list[int], skip_special_tokens: bool) -> str:
         if len(token_ids) > policy.INLINE_DETOKENIZE_IDS:
-            return await asyncio.to_thread(self._detokenize, token_ids, skip_special_tokens)
-        return self._detokenize(token_ids, skip_special_tokens)
-
-    def _detokenize(self, token_ids: list[int], skip_special_tokens: bool) -> str:
-        return str(self._tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens))
+            return await self._codec.in_background(
+                self._codec.decode, token_ids, skip_special_tokens
+            )
+        return self._codec.decode(token_ids, skip_special_tokens)
 
     def model_info(self) -> domain.ModelInfo:
         vc = self._llm.vllm_config
