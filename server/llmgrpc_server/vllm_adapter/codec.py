@@ -57,8 +57,11 @@ class Codec:
             # What transformers sets for a call without truncation or padding.
             self._rust.no_truncation()
             self._rust.no_padding()
-        # Every id's token string, as convert_ids_to_tokens gives it.
-        self._vocab: list[str] = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        # Every id's token string, as convert_ids_to_tokens gives it (made
+        # here, at startup, where its ~50 ms per 50,000 ids delay nobody).
+        self._vocab: list[str] | None = None
+        if hasattr(tokenizer, "convert_ids_to_tokens") and hasattr(tokenizer, "__len__"):
+            self._vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
         self._pool = ThreadPoolExecutor(
             max_workers=2, thread_name_prefix="llmgrpc-tokenizer", initializer=_lower_priority
         )
@@ -86,6 +89,8 @@ class Codec:
 
     def tokens(self, token_ids: list[int]) -> list[str]:
         """Each id's token string (the ids are the tokenizer's own: in the table)."""
+        if self._vocab is None:
+            return list(self._tokenizer.convert_ids_to_tokens(token_ids))
         return list(map(self._vocab.__getitem__, token_ids))
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool) -> str:
