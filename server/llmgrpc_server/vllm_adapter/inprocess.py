@@ -34,9 +34,9 @@ class InProcessBackend(Lifecycle):
         self._tokenizer: Any = None
 
     async def start(self) -> None:
-        self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self.engine_args)
+        llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self.engine_args)
         cache_vllm_settings()
-        self._tokenizer = self._llm.get_tokenizer()
+        self._llm, self._tokenizer = llm, llm.get_tokenizer()
 
     async def close(self) -> None:
         if self._llm is not None:
