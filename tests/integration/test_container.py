@@ -10,7 +10,8 @@ embedded default model (SmolLM2-135M-Instruct) for a client on the host,
 export vLLM metrics, and exit cleanly on SIGTERM.
 
 Runtime here (2 cores): ~5-10 min to build from scratch (debootstrap ~40 s,
-pip most of the rest; ~2 min when cached), under a minute from start to
+pip most of the rest; ~1 min after a change to our code only, whose layer is
+the only one rebuilt), under a minute from start to
 SERVING (the image runs the engine eagerly: it has no compiler), seconds for
 the rest.
 Needs root, podman, debootstrap and runc: installed with apt-get when missing.
