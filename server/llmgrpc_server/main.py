@@ -55,6 +55,7 @@ def parse(argv: list[str] | None) -> tuple[server_config.ServerConfig, Any]:
         vllm_settings.prefer_compact_json(ns)
     else:
         _check_local_model(ns.model)
+    vllm_settings.use_working_compile_cache()
     return config, vllm_settings.engine_args_from_cli(ns)
 
 

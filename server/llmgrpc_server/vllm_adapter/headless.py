@@ -24,7 +24,10 @@ def main(argv: list[str] | None = None) -> None:
     from vllm.logger import configure_logging_from_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
+    from llmgrpc_server.vllm_adapter.settings import use_working_compile_cache
+
     cli_env_setup()  # as vLLM's CLI does first (multiprocessing start method)
+    use_working_compile_cache()
     parser = FlexibleArgumentParser(prog="python -m llmgrpc_server.vllm_adapter.headless")
     subparsers = parser.add_subparsers(required=True, dest="subparser")
     serve = ServeSubcommand()

@@ -21,7 +21,7 @@ from vllm.inputs import TokensPrompt
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from llmgrpc_server.vllm_adapter.settings import cache_vllm_settings
+from llmgrpc_server.vllm_adapter.settings import cache_vllm_settings, use_working_compile_cache
 
 
 class InProcessBackend(Lifecycle):
@@ -34,6 +34,7 @@ class InProcessBackend(Lifecycle):
         self._tokenizer: Any = None
 
     async def start(self) -> None:
+        use_working_compile_cache()  # as the server does: compared like for like
         llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self.engine_args)
         cache_vllm_settings()
         self._llm, self._tokenizer = llm, llm.get_tokenizer()
