@@ -15,6 +15,7 @@ import grpc
 
 from llmgrpc_server.domain import SizeCaps
 from llmgrpc_server.models import default_models_dir
+from llmgrpc_server.policy import DEFAULT_COALESCE_BUDGET_S
 
 DEFAULT_PORT = 50051
 DEFAULT_METRICS_PORT = 9400
@@ -78,6 +79,8 @@ class ServerConfig:
     max_tokens_limit: int | None = None
     # Adaptive coalescing of stream messages under load; 1 turns it off.
     max_tokens_per_message: int = 8
+    # ... and no more tokens than the engine makes in this many milliseconds.
+    coalesce_budget_ms: float = 1000 * DEFAULT_COALESCE_BUDGET_S
     # Caps on inputs whose cost grows with their size (docs/api.md, "Limits").
     max_stop_strings: int = SizeCaps.max_stop_strings
     max_stop_string_chars: int = SizeCaps.max_stop_string_chars
@@ -121,8 +124,9 @@ class ServerConfig:
                             ("--max-tokens-limit", self.max_tokens_limit)):  # fmt: skip
             if value is not None and value < 1:
                 raise ValueError(f"{flag} must be >= 1, got {value}")
-        if self.max_tokens_per_message < 1:
-            raise ValueError("--max-tokens-per-message must be >= 1")
+        if self.max_tokens_per_message < 1 or not self.coalesce_budget_ms > 0:
+            raise ValueError("--max-tokens-per-message must be >= 1 and --coalesce-budget-ms > 0, "
+                             f"got {self.max_tokens_per_message} and {self.coalesce_budget_ms}")
         for flag, name in SIZE_CAP_FLAGS:
             if getattr(self, name) < 1:
                 raise ValueError(f"{flag} must be >= 1, got {getattr(self, name)}")
@@ -183,6 +187,11 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         help="under load, stream messages carry up to this many tokens (one more per 4 "
         "requests in flight); 1: one token per message",
     )  # fmt: skip
+    g.add_argument(
+        "--coalesce-budget-ms", type=float, default=ServerConfig.coalesce_budget_ms,
+        help="a message carries no more tokens than the engine makes in this time, so "
+        "coalescing stretches the gap between a stream's messages by at most about this much",
+    )  # fmt: skip
     for flag, name in SIZE_CAP_FLAGS:
         default = getattr(SizeCaps, name)
         g.add_argument(flag, type=int, default=default, help=f"most {_SIZE_CAP_HELP[name]}; "
@@ -235,6 +244,7 @@ def from_namespace(ns: argparse.Namespace) -> ServerConfig:
         max_prompt_tokens=ns.max_prompt_tokens,
         max_tokens_limit=ns.max_tokens_limit,
         max_tokens_per_message=ns.max_tokens_per_message,
+        coalesce_budget_ms=ns.coalesce_budget_ms,
         **{name: getattr(ns, name) for _, name in SIZE_CAP_FLAGS},
         pin_front_end=ns.pin_front_end,
         models_dir=ns.models_dir,

@@ -139,6 +139,7 @@ async def run(config: server_config.ServerConfig, engine_args: Any) -> int:
             max_prompt_tokens=config.max_prompt_tokens,
             max_tokens=config.max_tokens_limit,
             max_tokens_per_message=config.max_tokens_per_message,
+            coalesce_budget_s=config.coalesce_budget_ms / 1000,
             pin_front_end=config.pin_front_end,
             size_caps=config.size_caps(),
             lora_modules=config.lora_modules,

@@ -23,7 +23,7 @@ from llmgrpc_server import config as server_config
 from llmgrpc_server import domain
 from llmgrpc_server.config import ServerConfig
 from llmgrpc_server.domain import Limits, check_prompt_length
-from llmgrpc_server.policy import tokens_per_message
+from llmgrpc_server.policy import StepPace, tokens_per_message
 
 from tests.fake_server import FakeServer, start_fake
 from tests.fakes import FakeEngine
@@ -112,6 +112,32 @@ def test_tokens_per_message(in_flight: int, cap: int, tokens: int) -> None:
 
 
 @pytest.mark.parametrize(
+    ("in_flight", "step_ms", "budget_ms", "tokens"),
+    [(32, 1.0, 10, 8), (32, 2.5, 10, 4), (64, 3.4, 10, 2), (64, 12.0, 10, 1), (8, 0.5, 10, 2),
+     (32, None, 10, 8), (64, 5.0, 30, 6)],
+)  # fmt: skip
+def test_coalescing_stays_within_the_latency_budget(
+    in_flight: int, step_ms: float | None, budget_ms: float, tokens: int
+) -> None:
+    """Tokens per message never exceed what the engine makes within the budget
+    (nor the load rule); before the pace is known only the load rule applies."""
+    step = None if step_ms is None else step_ms / 1000
+    assert tokens_per_message(in_flight, 8, step, budget_ms / 1000) == tokens
+
+
+def test_step_pace_follows_the_engine() -> None:
+    pace = StepPace()
+    assert pace.step_s is None
+    pace.observe(0.008, 4)  # 2 ms a step
+    assert pace.step_s == pytest.approx(0.002)
+    for _ in range(500):  # the engine slows to 5 ms a step: the average follows
+        pace.observe(0.010, 2)
+    assert pace.step_s == pytest.approx(0.005, rel=1e-3)
+    pace.observe(0.010, 0)  # no token: nothing learnt
+    assert pace.step_s == pytest.approx(0.005, rel=1e-3)
+
+
+@pytest.mark.parametrize(
     ("kw", "flag"),
     [
         ({"max_prompt_tokens": 0}, "--max-prompt-tokens"),
@@ -119,6 +145,7 @@ def test_tokens_per_message(in_flight: int, cap: int, tokens: int) -> None:
         ({"max_message_bytes": 100}, "--max-message-bytes"),
         ({"max_concurrent_streams": 0}, "--max-concurrent-streams"),
         ({"max_tokens_per_message": 0}, "--max-tokens-per-message"),
+        ({"coalesce_budget_ms": 0}, "--coalesce-budget-ms"),
         *(({name: 0}, flag) for flag, name in server_config.SIZE_CAP_FLAGS),
     ],
 )

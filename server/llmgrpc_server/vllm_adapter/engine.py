@@ -50,10 +50,13 @@ class VllmEngine:
         max_prompt_tokens: int | None, max_tokens: int | None, max_tokens_per_message: int,
         size_caps: domain.SizeCaps = domain.SizeCaps(),  # noqa: B008 (frozen)
         known_adapters: frozenset[str] = frozenset(),
+        coalesce_budget_s: float = policy.DEFAULT_COALESCE_BUDGET_S,
     ) -> None:  # fmt: skip
         self._llm = llm
         self._nodes: multinode.NodeWatch | None = None  # the other nodes, if any
         self._max_tokens_per_message = max_tokens_per_message
+        self._coalesce_budget_s = coalesce_budget_s
+        self._pace = policy.StepPace()
         self._model_path = model_path
         # The Hugging Face tokenizer itself: vLLM's TokenizerLike protocol omits
         # offsets and chat-template typing that we rely on.
@@ -88,6 +91,7 @@ class VllmEngine:
         pin_front_end: bool, size_caps: domain.SizeCaps = domain.SizeCaps(),  # noqa: B008 (frozen)
         lora_modules: tuple[tuple[str, str], ...] = (),
         known_adapters: frozenset[str] = frozenset(),
+        coalesce_budget_s: float = policy.DEFAULT_COALESCE_BUDGET_S,
     ) -> VllmEngine:  # fmt: skip
         """Build the engine; the caps are the operator's (--max-prompt-tokens,
         --max-tokens-limit) on top of the model's context; `pin_front_end`
@@ -111,6 +115,7 @@ class VllmEngine:
             max_tokens_per_message=max_tokens_per_message,
             size_caps=size_caps,
             known_adapters=known_adapters,
+            coalesce_budget_s=coalesce_budget_s,
         )
         engine._nodes = multinode.NodeWatch(llm, multinode.topology(args))
         for name, path in lora_modules:  # before SERVING: a request finds them loaded
@@ -173,10 +178,16 @@ class VllmEngine:
             prompt_ids, params = await self._prepare(request)
             stream = self._output_stream(request, prompt_ids, arrival)
             try:
+                last = None  # when this stream's previous message came (StepPace)
                 async for output in self._llm.generate(
                     TokensPrompt(prompt_token_ids=prompt_ids), params, request_id,
                     lora_request=adapter, **self._request_options(request),
                 ):
+                    now = time.monotonic()
+                    if last is not None and output.outputs:
+                        steps = max(len(c.token_ids) for c in output.outputs)
+                        self._pace.observe(now - last, steps)
+                    last = now
                     for delta in stream.deltas(output):
                         yield delta
             except (asyncio.CancelledError, GeneratorExit):
@@ -220,7 +231,8 @@ class VllmEngine:
         others = len(self._in_flight) - 1  # in flight besides this request
         params = to_sampling_params(
             request, len(prompt_ids), self._limits,
-            policy.tokens_per_message(others, self._max_tokens_per_message),
+            policy.tokens_per_message(others, self._max_tokens_per_message, self._pace.step_s,
+                                      self._coalesce_budget_s),
         )  # fmt: skip
         _check_deadline(request)  # preparing may have taken it past its deadline
         return prompt_ids, params
