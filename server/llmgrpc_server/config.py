@@ -97,6 +97,10 @@ class ServerConfig:
     # With vLLM's CPU backend: keep the front end off the worker's cores.
     # Opt-in: docs/deploy.md, "CPU placement".
     pin_front_end: bool = False
+    # vLLM's --api-server-count: gRPC front-end processes on one port (frontends.py).
+    api_server_count: int = 1
+    # Which of them this process is (set by the manager, not a flag).
+    frontend_index: int = 0
     models_dir: Path = field(default_factory=default_models_dir)
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -188,6 +192,11 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         "requests in flight); 1: one token per message",
     )  # fmt: skip
     g.add_argument(
+        "--api-server-count", type=int, default=ServerConfig.api_server_count,
+        help="gRPC front-end processes on one port (SO_REUSEPORT) over one engine core, "
+        "as vLLM's own flag; connections spread over them (default: 1)",
+    )  # fmt: skip
+    g.add_argument(
         "--coalesce-budget-ms", type=float, default=ServerConfig.coalesce_budget_ms,
         help="a message carries no more tokens than the engine makes in this time, so "
         "coalescing stretches the gap between a stream's messages by at most about this much",
@@ -247,6 +256,7 @@ def from_namespace(ns: argparse.Namespace) -> ServerConfig:
         coalesce_budget_ms=ns.coalesce_budget_ms,
         **{name: getattr(ns, name) for _, name in SIZE_CAP_FLAGS},
         pin_front_end=ns.pin_front_end,
+        api_server_count=ns.api_server_count,
         models_dir=ns.models_dir,
         tls_cert=ns.tls_cert,
         tls_key=ns.tls_key,

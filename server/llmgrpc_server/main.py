@@ -29,6 +29,7 @@ from llmgrpc_server import cpu_placement, domain, models
 
 if TYPE_CHECKING:
     from llmgrpc_server.tracing import Tracing
+    from llmgrpc_server.vllm_adapter.frontends import Slot
 
 log = logging.getLogger("llmgrpc_server")
 PROC = Path("/proc")
@@ -56,7 +57,12 @@ def parse(argv: list[str] | None) -> tuple[server_config.ServerConfig, Any]:
     else:
         _check_local_model(ns.model)
     vllm_settings.use_working_compile_cache()
-    return config, vllm_settings.engine_args_from_cli(ns)
+    engine_args = vllm_settings.engine_args_from_cli(ns)
+    if config.api_server_count != 1:
+        from llmgrpc_server.vllm_adapter import frontends
+
+        frontends.check(config, engine_args, config.api_server_count)
+    return config, engine_args
 
 
 def _with_lora_modules(config: server_config.ServerConfig, ns: Any) -> server_config.ServerConfig:
@@ -116,7 +122,11 @@ def served_name(engine_args: Any) -> str:
     return domain.served_names(engine_args.served_model_name, str(engine_args.model))[0]
 
 
-async def run(config: server_config.ServerConfig, engine_args: Any) -> int:
+async def run(
+    config: server_config.ServerConfig, engine_args: Any, slot: Slot | None = None
+) -> int:
+    """The server in this process; with `slot`, one of --api-server-count's
+    front ends (vllm_adapter/frontends.py), whose manager serves /metrics."""
     from llmgrpc_server import server
     from llmgrpc_server.metrics import GrpcMetrics
     from llmgrpc_server.vllm_adapter.engine import VllmEngine
@@ -141,6 +151,7 @@ async def run(config: server_config.ServerConfig, engine_args: Any) -> int:
             max_tokens_per_message=config.max_tokens_per_message,
             coalesce_budget_s=config.coalesce_budget_ms / 1000,
             pin_front_end=config.pin_front_end,
+            slot=slot,
             size_caps=config.size_caps(),
             lora_modules=config.lora_modules,
             known_adapters=builtin_adapter_names(),
@@ -249,6 +260,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from e
     # uvloop is a dependency (vLLM imports it too): no fallback that could
     # take an ImportError from startup for a missing uvloop and run it again.
+    if config.api_server_count > 1:
+        from llmgrpc_server.vllm_adapter import frontends
+
+        raise SystemExit(frontends.run(config, engine_args, config.api_server_count))
     raise SystemExit(uvloop.run(run(config, engine_args)))
 
 

@@ -61,11 +61,22 @@ class GrpcMetrics:
 class ServiceMetrics:
     """The service's own metrics, labelled with the served model's name."""
 
-    def __init__(self, model_name: str, registry: CollectorRegistry = REGISTRY) -> None:
+    def __init__(
+        self, model_name: str, registry: CollectorRegistry = REGISTRY, frontend: int = 0
+    ) -> None:
         self.model_name = model_name
         m = ["model_name"]
+        # Which front-end process took the call (--api-server-count: the kernel
+        # spreads connections, so a few busy channels can load one of them).
+        self._frontend_calls = Counter(
+            "llmgrpc_frontend_calls_total",
+            "LLMService calls taken by each front-end process (0 .. --api-server-count - 1).",
+            [*m, "frontend"],
+            registry=registry,
+        ).labels(model_name, str(frontend))
         self._active_streams = Gauge(
-            "llmgrpc_active_streams", "GenerateStream calls in progress.", m, registry=registry
+            "llmgrpc_active_streams", "GenerateStream calls in progress.", m, registry=registry,
+            multiprocess_mode="livesum",  # --api-server-count: all front ends' streams
         ).labels(model_name)
         self._cancelled = Counter(
             "llmgrpc_requests_cancelled_total",
@@ -128,7 +139,11 @@ class ServiceMetrics:
                 "total_parameters", "active_parameters",
             ],
             registry=registry,
+            multiprocess_mode="max",  # --api-server-count: one series, not one per front end
         )  # fmt: skip
+
+    def frontend_call(self) -> None:
+        self._frontend_calls.inc()
 
     @contextmanager
     def active_stream(self) -> Iterator[None]:

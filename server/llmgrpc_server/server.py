@@ -91,7 +91,7 @@ async def start(
     registry: CollectorRegistry = REGISTRY,
     tracing: Tracing | None = None,
 ) -> RunningServer:
-    metrics = ServiceMetrics(model_name, registry)
+    metrics = ServiceMetrics(model_name, registry, config.frontend_index)
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if config.auth_tokens or config.admin_tokens:
         interceptors.append(TokenAuthInterceptor(config.auth_tokens, config.admin_tokens))

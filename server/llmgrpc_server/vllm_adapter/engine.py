@@ -33,7 +33,7 @@ from llmgrpc_server.errors import (
     ServiceError,
     Unavailable,
 )
-from llmgrpc_server.vllm_adapter import failures, lora, multinode
+from llmgrpc_server.vllm_adapter import failures, frontends, lora, multinode
 from llmgrpc_server.vllm_adapter.codec import Codec
 from llmgrpc_server.vllm_adapter.outputs import OutputStream
 from llmgrpc_server.vllm_adapter.sampling import to_sampling_params
@@ -92,6 +92,7 @@ class VllmEngine:
         lora_modules: tuple[tuple[str, str], ...] = (),
         known_adapters: frozenset[str] = frozenset(),
         coalesce_budget_s: float = policy.DEFAULT_COALESCE_BUDGET_S,
+        slot: frontends.Slot | None = None,
     ) -> VllmEngine:  # fmt: skip
         """Build the engine; the caps are the operator's (--max-prompt-tokens,
         --max-tokens-limit) on top of the model's context; `pin_front_end`
@@ -101,9 +102,12 @@ class VllmEngine:
         # Building the engine blocks for tens of seconds (weights, KV cache,
         # warm-up): keep the event loop free so health checks answer meanwhile.
         # On a multi-node leader the start also waits for the other nodes.
-        llm = await multinode.while_joining(
-            args, lambda: asyncio.to_thread(AsyncLLM.from_engine_args, args)
-        )
+        if slot is not None:  # one of several front ends: the engine runs beside us
+            llm = await asyncio.to_thread(slot.connect, args)
+        else:
+            llm = await multinode.while_joining(
+                args, lambda: asyncio.to_thread(AsyncLLM.from_engine_args, args)
+            )
         cache_vllm_settings()
         if pin_front_end:
             cpu_placement.place_front_end()
