@@ -94,6 +94,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def runq_wait_seconds(pid: int) -> float:
+    """Time the process's threads spent runnable but waiting for a CPU
+    (/proc/<pid>/task/*/schedstat, second field): how much the processes on
+    the machine's two cores held each other up."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[1])
+        except (OSError, IndexError):
+            continue  # ended meanwhile
+    return total / 1e9
+
+
 def place_load(server_pid: int) -> list[int]:
     """Put the load on the CPUs vLLM's worker does not own, as a client on
     another host would leave them, and return them.
@@ -132,11 +145,16 @@ async def _level(backend: Any, concurrency: int, rounds: int, seed: int, *,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         )  # fmt: skip
         await asyncio.sleep(0.3)  # let it start scraping before the load starts
-    before = {k: cpu_seconds(p) for k, p in pids.items()}
+    cpu_pids = {k: p for k, p in pids.items() if k != "worker"}  # the worker: wait only
+    waits = {**pids, "client": os.getpid()}
+    before = {k: cpu_seconds(p) for k, p in cpu_pids.items()}
+    waited = {k: runq_wait_seconds(p) for k, p in waits.items()}
     summary = await bench.run_workload(backend, w)
-    for key, pid in pids.items():
-        cpu = cpu_seconds(pid) - before[key]
-        summary[f"{key}_cpu_ms_per_1k_tokens"] = 1e6 * cpu / max(summary["output_tokens"], 1)
+    per_1k = 1e6 / max(summary["output_tokens"], 1)
+    for key, pid in cpu_pids.items():
+        summary[f"{key}_cpu_ms_per_1k_tokens"] = (cpu_seconds(pid) - before[key]) * per_1k
+    for key, pid in waits.items():
+        summary[f"{key}_runq_wait_ms_per_1k_tokens"] = (runq_wait_seconds(pid) - waited[key]) * per_1k
     if scraper is not None:
         out, _ = await scraper.communicate(b"")
         scrape = json.loads(out)
@@ -163,6 +181,10 @@ async def _measure(a: argparse.Namespace) -> dict[str, Any]:
         engines = cpu_placement.descendants_named(pids["frontend"], "VLLM::EngineCor")
         if engines:
             pids["engine"] = engines[0]
+        workers = cpu_placement.descendants_named(pids["frontend"], "VLLM::Worker")
+        if workers:
+            pids["worker"] = workers[0]
+
         # Warm up: every batch size up to the largest level, before any measurement.
         top = max(a.levels)
         await bench.run_workload(backend, bench.Workload(
@@ -351,6 +373,8 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "itl_ms.p99",
             "tpot_ms.p50", "e2e_ms.p50", "e2e_ms.p99", "client_cpu_ms_per_1k_tokens",
             "frontend_cpu_ms_per_1k_tokens", "engine_cpu_ms_per_1k_tokens",
+            "client_runq_wait_ms_per_1k_tokens", "frontend_runq_wait_ms_per_1k_tokens",
+            "engine_runq_wait_ms_per_1k_tokens", "worker_runq_wait_ms_per_1k_tokens",
             "messages_per_request")  # fmt: skip
     agg: dict[str, Any] = {k: _median(runs, k) for k in keys}
     agg["failures"] = failures
@@ -584,6 +608,17 @@ def _cpu(results: dict[str, Any]) -> list[str]:
     return _table(["backend", "c", "client process", "server front end", "engine core"], rows)
 
 
+def _waits(results: dict[str, Any]) -> list[str]:
+    rows = []
+    for backend, res in results.items():
+        for c in sorted(res["levels"], key=int):
+            a = aggregate(res["levels"][c])
+            rows.append([LABELS[backend], str(c),
+                         *(_fmt(a[f"{k}_runq_wait_ms_per_1k_tokens"], ".1f")
+                           for k in ("client", "frontend", "engine", "worker"))])  # fmt: skip
+    return _table(["backend", "c", "client process", "front end", "engine core", "worker"], rows)
+
+
 def write_markdown(doc: dict[str, Any], path: Path, png: str) -> None:
     results, m = doc["results"], doc["machine"]
     kept = ""
@@ -645,6 +680,14 @@ def write_markdown(doc: dict[str, Any], path: Path, png: str) -> None:
         "tokens received. For the in-process engine the client process *is* the front end.",
         "",
         *_cpu(results),
+        "",
+        "## Waiting for a CPU (ms per 1,000 output tokens)",
+        "",
+        "Time each process's threads spent runnable but not running (`/proc/<pid>/task/*/"
+        "schedstat`) during the measured runs: what the processes on two cores cost each "
+        "other. In-process, the client *is* the front end (the same figure twice).",
+        "",
+        *_waits(results),
         "",
         "## Machine and load",
         "",
