@@ -59,9 +59,10 @@ UNARY_LEVELS = (1, 32)
 MAX_TOKENS, PROMPT_LEN = 128, 32
 SCRAPE_RATE = 20.0
 BACKENDS = ("grpc", "grpc-tuned", "inprocess", "openai")
-OPTIONAL_BACKENDS = ("grpc-own-session",)
+OPTIONAL_BACKENDS = ("grpc-own-session", "grpc-api2")
 LABELS = {"grpc": "llmgrpc, defaults", "grpc-tuned": "llmgrpc, tuned placement",
           "grpc-own-session": "llmgrpc, defaults, own session",
+          "grpc-api2": "llmgrpc, --api-server-count 2",
           "inprocess": "in-process engine", "openai": "vLLM OpenAI HTTP"}  # fmt: skip
 STABILITY_LEVEL = 32
 MARK_BEGIN, MARK_END = "<!-- optimisations:begin -->", "<!-- optimisations:end -->"
@@ -89,22 +90,39 @@ print(json.dumps({"latencies": lat, "bytes": size, "errors": errors}))
 # --- the child: drive one backend -------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
-def runq_wait_seconds(pid: int) -> float:
-    """Time the process's threads spent runnable but waiting for a CPU
+def runq_wait_seconds(pids: list[int]) -> float:
+    """Time the processes' threads spent runnable but waiting for a CPU
     (/proc/<pid>/task/*/schedstat, second field): how much the processes on
     the machine's two cores held each other up."""
     total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            total += int((task / "schedstat").read_text().split()[1])
-        except (OSError, IndexError):
-            continue  # ended meanwhile
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                total += int((task / "schedstat").read_text().split()[1])
+            except (OSError, IndexError):
+                continue  # ended meanwhile
     return total / 1e9
+
+
+def front_end_processes(server_pid: int) -> list[int]:
+    """The server's front end: itself, and with --api-server-count its
+    spawned front-end processes (the manager is nearly idle)."""
+    spawned = []
+    for pid in cpu_placement.descendants(server_pid):
+        try:
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                spawned.append(pid)
+        except OSError:
+            continue
+    return [server_pid, *spawned]
 
 
 def place_load(server_pid: int) -> list[int]:
@@ -132,7 +150,7 @@ def place_load(server_pid: int) -> list[int]:
 
 
 async def _level(backend: Any, concurrency: int, rounds: int, seed: int, *,
-                 pids: dict[str, int], scrape_url: str | None = None) -> dict[str, Any]:  # fmt: skip
+                 pids: dict[str, list[int]], scrape_url: str | None = None) -> dict[str, Any]:  # fmt: skip
     n = max(16, rounds * concurrency)
     w = bench.Workload(num_requests=n, concurrency=concurrency, prompt_len=PROMPT_LEN,
                        max_tokens=MAX_TOKENS, warmup=0, seed=seed)  # fmt: skip
@@ -146,7 +164,7 @@ async def _level(backend: Any, concurrency: int, rounds: int, seed: int, *,
         )  # fmt: skip
         await asyncio.sleep(0.3)  # let it start scraping before the load starts
     cpu_pids = {k: p for k, p in pids.items() if k != "worker"}  # the worker: wait only
-    waits = {**pids, "client": os.getpid()}
+    waits = {**pids, "client": [os.getpid()]}
     before = {k: cpu_seconds(p) for k, p in cpu_pids.items()}
     waited = {k: runq_wait_seconds(p) for k, p in waits.items()}
     summary = await bench.run_workload(backend, w)
@@ -170,20 +188,23 @@ def _kind(backend: str) -> str:
 
 
 async def _measure(a: argparse.Namespace) -> dict[str, Any]:
-    backend = make_backend(_kind(a.backend), target=a.target, url=a.url, model=MODEL)
+    # Several connections for several front ends (each channel has one).
+    channels = 8 if a.backend == "grpc-api2" else 1
+    backend = make_backend(_kind(a.backend), target=a.target, url=a.url, model=MODEL,
+                           channels=channels)
     started = time.monotonic()
     await backend.start()
     load_cpus = place_load(a.frontend_pid) if a.pin_load else sorted(os.sched_getaffinity(0))
     out: dict[str, Any] = {"startup_s": time.monotonic() - started, "levels": {}, "unary": {},
                            "load_cpus": load_cpus}  # fmt: skip
     try:
-        pids = {"frontend": a.frontend_pid or os.getpid()}
-        engines = cpu_placement.descendants_named(pids["frontend"], "VLLM::EngineCor")
-        if engines:
-            pids["engine"] = engines[0]
-        workers = cpu_placement.descendants_named(pids["frontend"], "VLLM::Worker")
-        if workers:
-            pids["worker"] = workers[0]
+        top_pid = a.frontend_pid or os.getpid()
+        pids = {"frontend": front_end_processes(a.frontend_pid) if a.frontend_pid else [top_pid]}
+        if engines := cpu_placement.descendants_named(top_pid, "VLLM::EngineCor"):
+            pids["engine"] = engines
+        if workers := cpu_placement.descendants_named(top_pid, "VLLM::Worker"):
+            pids["worker"] = workers
+        out["front_ends"] = len(pids["frontend"])
 
         # Warm up: every batch size up to the largest level, before any measurement.
         top = max(a.levels)
@@ -287,7 +308,8 @@ def _child(backend: str, args: argparse.Namespace, *flags: str, **kw: Any) -> di
 
 def _server_cmd(backend: str, port: int) -> list[str]:
     if _kind(backend) == "grpc":
-        tuned = ["--pin-front-end"] if backend == "grpc-tuned" else []
+        tuned = {"grpc-tuned": ["--pin-front-end"],
+                 "grpc-api2": ["--api-server-count", "2"]}.get(backend, [])
         return [str(Path(sys.executable).parent / "llmgrpc-server"), "--model", MODEL,
                 "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
                 "--drain-timeout", "5", *tuned]  # fmt: skip

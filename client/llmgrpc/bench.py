@@ -275,6 +275,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--warmup", type=int, default=4, help="requests sent before measuring")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--unary", action="store_true", help="grpc: call Generate, not GenerateStream")
+    p.add_argument("--channels", type=int, default=1,
+                   help="grpc: channels with a connection each, taken in turn (a server with "
+                        "--api-server-count N spreads connections over its front ends)")
     p.add_argument("--timeout", type=float, default=None, help="per-request deadline, seconds")
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None,
                    help="inprocess: the server's default (64 MiB for embedded models)")  # fmt: skip
@@ -315,6 +318,7 @@ def run(args: argparse.Namespace) -> int:
         backend = make_backend(
             args.backend, target=args.target, url=args.url, model=args.model,
             stream=not args.unary, timeout=args.timeout, server_args=server_args,
+            channels=args.channels,
         )  # fmt: skip
     except ValueError as e:
         print(f"llmgrpc bench: {e}", file=sys.stderr)

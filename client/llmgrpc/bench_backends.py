@@ -113,21 +113,36 @@ class Lifecycle:
 
 
 class GrpcBackend(Lifecycle):
-    """An llmgrpc server over one gRPC channel (HTTP/2 multiplexes the calls)."""
+    """An llmgrpc server over one gRPC channel (HTTP/2 multiplexes the calls),
+    or over `channels` channels with a connection each, the calls taking them
+    in turn (a server with --api-server-count spreads connections)."""
 
-    def __init__(self, target: str, *, stream: bool = True, timeout: float | None = None):
+    def __init__(self, target: str, *, stream: bool = True, timeout: float | None = None,
+                 channels: int = 1):  # fmt: skip
         self.name = "grpc" if stream else "grpc-unary"
         self.target = target
         self.stream = stream
         self.timeout = timeout
-        self._client: AsyncClient | None = None
+        self.channels = channels
+        self._clients: list[AsyncClient] = []
+        self._turn = 0
+
+    @property
+    def _client(self) -> AsyncClient | None:
+        if not self._clients:
+            return None
+        self._turn = (self._turn + 1) % len(self._clients)
+        return self._clients[self._turn]
 
     async def start(self) -> None:
-        self._client = AsyncClient(self.target, timeout=self.timeout)
+        # grpc shares one connection between channels to a target unless told not to.
+        options = [("grpc.use_local_subchannel_pool", 1)] if self.channels > 1 else []
+        self._clients = [AsyncClient(self.target, timeout=self.timeout, options=options)
+                         for _ in range(self.channels)]  # fmt: skip
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
+        for client in self._clients:
+            await client.close()
 
     async def count_tokens(self, text: str) -> int | None:
         assert self._client is not None
@@ -221,10 +236,11 @@ def make_backend(
     stream: bool = True,
     timeout: float | None = None,
     server_args: Sequence[str] = (),
+    channels: int = 1,
 ) -> Backend:
     """A backend by name; `server_args` are llmgrpc-server flags for the in-process engine."""
     if kind == "grpc":
-        return GrpcBackend(target, stream=stream, timeout=timeout)
+        return GrpcBackend(target, stream=stream, timeout=timeout, channels=channels)
     if kind == "openai":
         return OpenAIBackend(url, model, timeout=timeout)
     if kind == "inprocess":
