@@ -196,6 +196,16 @@ async def test_grpc_backend_against_the_fake_engine(fake: FakeServer, stream: bo
     assert s["ttft_ms"]["p50"] > 0 and s["backend"] == ("grpc" if stream else "grpc-unary")
 
 
+async def test_grpc_backend_over_several_connections(fake: FakeServer) -> None:
+    """--channels: one connection per channel, the calls taking them in turn."""
+    backend = GrpcBackend(fake.target, channels=3)
+    w = bench.Workload(num_requests=9, concurrency=3, prompt="hello", max_tokens=2, warmup=0)
+    s = await bench.bench(backend, w)
+    assert s["failures"] == {} and s["successful"] == 9
+    assert len(backend._clients) == 3
+    assert len({id(c) for c in (backend._client, backend._client, backend._client)}) == 3
+
+
 async def test_grpc_backend_counts_failures_by_status(fake: FakeServer) -> None:
     backend = GrpcBackend(fake.target)
     too_long = "x" * 100  # the fake engine's context is 64 tokens
