@@ -643,9 +643,10 @@ def _waits(results: dict[str, Any]) -> list[str]:
 
 def write_markdown(doc: dict[str, Any], path: Path, png: str) -> None:
     results, m = doc["results"], doc["machine"]
-    kept = ""
+    kept = rest = ""  # the hand-written section, and the sections after it (other scripts')
     if path.exists() and MARK_BEGIN in (old := path.read_text()):
         kept = old[old.index(MARK_BEGIN) + len(MARK_BEGIN): old.index(MARK_END)].strip("\n")
+        rest = old[old.index(MARK_END) + len(MARK_END):].strip("\n")
     repeats = max(len(runs) for res in results.values() for runs in res["levels"].values())
     load = [f"- {LABELS[b]}, pass {i + 1}: 1-minute load average {r['load_before'][0]:.1f} "
             f"before, {r['load_after'][0]:.1f} after; ready in {r['startup_s']:.0f} s, "
@@ -768,6 +769,7 @@ def write_markdown(doc: dict[str, Any], path: Path, png: str) -> None:
         kept,
         MARK_END,
         "",
+        *([rest, ""] if rest else []),
     ]
     path.write_text("\n".join(lines))
 
