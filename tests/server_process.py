@@ -83,7 +83,11 @@ ADAPTER_DIR.mkdir()
 # (tests/otlp_receiver.py): launch() starts it first, if no server has.
 OTLP_RECEIVER = "<otlp-receiver>"
 SHARED: dict[str, list[str]] = {
-    "llama": ["--model", "tiny-llama-gqa",
+    # Coalescing by load alone (a budget of a second): the tests of multi-token
+    # messages (test_streaming_contract.py, test_bench.py) need them whatever
+    # this machine's step time; the default 10 ms budget allows none where a
+    # step takes longer than 5 ms (an AVX2-only CPU at a dozen streams).
+    "llama": ["--model", "tiny-llama-gqa", "--coalesce-budget-ms", "1000",
               "--max-in-flight", str(LLAMA_MAX_IN_FLIGHT),
               "--max-concurrent-streams", str(LLAMA_MAX_CONCURRENT_STREAMS),
               "--drain-timeout", str(LLAMA_DRAIN_TIMEOUT)],
