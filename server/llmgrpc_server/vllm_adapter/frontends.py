@@ -122,7 +122,7 @@ def run(config: ServerConfig, engine_args: Any, count: int) -> int:
     try:
         reservation, port = _reserve_port(config)
         front = dataclasses.replace(config, port=port, metrics_port=-1)
-        procs, engine_manager = _launch(front, engine_args, count)
+        engine_manager = _launch(front, engine_args, count, procs)
         up = True
         log.info("%d front ends on port %d", count, port)
         http = _serve_metrics(config, metrics_dir)
@@ -173,8 +173,10 @@ def _reserve_port(config: ServerConfig) -> tuple[socket.socket | None, int]:
     return sock, int(sock.getsockname()[1])
 
 
-def _launch(config: ServerConfig, engine_args: Any, count: int
-            ) -> tuple[list[multiprocessing.process.BaseProcess], Any]:  # fmt: skip
+def _launch(config: ServerConfig, engine_args: Any, count: int,
+            procs: list[multiprocessing.process.BaseProcess]) -> Any:  # fmt: skip
+    """The engine core and the front ends (into `procs` as they start, so that a
+    signal meanwhile stops those already running); returns the engine's manager."""
     from vllm.v1.engine.utils import bind_engine_zmq_listeners, launch_core_engines
     from vllm.v1.executor import Executor
 
@@ -183,7 +185,6 @@ def _launch(config: ServerConfig, engine_args: Any, count: int
     vllm_config = engine_args.create_engine_config()
     listeners = bind_engine_zmq_listeners(vllm_config, count)
     spawn = multiprocessing.get_context("spawn")
-    procs: list[multiprocessing.process.BaseProcess] = []
     with launch_core_engines(vllm_config, Executor.get_class(vllm_config),
                              not engine_args.disable_log_stats, listeners.addresses) as launch:
         assert launch.engine_manager is not None  # local engines only (check())
@@ -204,7 +205,7 @@ def _launch(config: ServerConfig, engine_args: Any, count: int
         launch.watched_frontend_processes = procs
         engine_manager = launch.engine_manager
     # The engine is up: launch_core_engines waited for its handshake.
-    return procs, engine_manager
+    return engine_manager
 
 
 def _front_end(config: ServerConfig, engine_args: Any, slot: Slot) -> None:
