@@ -56,6 +56,7 @@ METRICS: dict[str, str] = {
     "llmgrpc_streamed_tokens_total": "counter",
     "llmgrpc_generated_tokens_total": "counter",
     "llmgrpc_tokenize_requests_total": "counter",
+    "llmgrpc_frontend_calls_total": "counter",
     "llmgrpc_lora_requests_total": "counter",
     "llmgrpc_lora_generated_tokens_total": "counter",
     "llmgrpc_lora_adapter_activations_total": "counter",
