@@ -375,13 +375,7 @@ def merge_passes(passes: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _median(runs: list[dict[str, Any]], path: str) -> float | None:
-    values = []
-    for run in runs:
-        v: Any = run
-        for key in path.split("."):
-            v = v.get(key) if isinstance(v, dict) else None
-        if v is not None:
-            values.append(float(v))
+    values = _values(runs, path)
     return statistics.median(values) if values else None
 
 
@@ -410,6 +404,7 @@ def _fmt(v: float | None, spec: str = ".0f") -> str:
 
 
 def _values(runs: list[dict[str, Any]], path: str) -> list[float]:
+    """The value at a dotted `path` ("ttft_ms.p99") in each run that has it."""
     out = []
     for run in runs:
         v: Any = run
