@@ -127,10 +127,9 @@ class GrpcBackend(Lifecycle):
         self._clients: list[AsyncClient] = []
         self._turn = 0
 
-    @property
-    def _client(self) -> AsyncClient | None:
-        if not self._clients:
-            return None
+    def _next_client(self) -> AsyncClient:
+        """The channel this call takes: the next one in turn."""
+        assert self._clients, "start() first"
         self._turn = (self._turn + 1) % len(self._clients)
         return self._clients[self._turn]
 
@@ -145,12 +144,10 @@ class GrpcBackend(Lifecycle):
             await client.close()
 
     async def count_tokens(self, text: str) -> int | None:
-        assert self._client is not None
-        return len((await self._client.tokenize(text)).token_ids)
+        return len((await self._next_client().tokenize(text)).token_ids)
 
     async def send(self, prompt: str, max_tokens: int, ignore_eos: bool) -> RequestResult:
-        assert self._client is not None
-        stub, timeout = self._client.stub, self.timeout
+        stub, timeout = self._next_client().stub, self.timeout
         req = generate_request(prompt, max_tokens=max_tokens, ignore_eos=ignore_eos,
                                temperature=0.0)  # fmt: skip
         rec = Recorder()

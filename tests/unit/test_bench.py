@@ -203,7 +203,7 @@ async def test_grpc_backend_over_several_connections(fake: FakeServer) -> None:
     s = await bench.bench(backend, w)
     assert s["failures"] == {} and s["successful"] == 9
     assert len(backend._clients) == 3
-    assert len({id(c) for c in (backend._client, backend._client, backend._client)}) == 3
+    assert len({id(backend._next_client()) for _ in range(3)}) == 3
 
 
 async def test_grpc_backend_counts_failures_by_status(fake: FakeServer) -> None:
