@@ -118,11 +118,11 @@ def run(config: ServerConfig, engine_args: Any, count: int) -> int:
     _raise_on_signals()
     reservation = None
     procs: list[multiprocessing.process.BaseProcess] = []
-    engine_manager, up = None, False
+    engine_manager, listeners, up = None, None, False
     try:
         reservation, port = _reserve_port(config)
         front = dataclasses.replace(config, port=port, metrics_port=-1)
-        engine_manager = _launch(front, engine_args, count, procs)
+        engine_manager, listeners = _launch(front, engine_args, count, procs)
         up = True
         log.info("%d front ends on port %d", count, port)
         http = _serve_metrics(config, metrics_dir)
@@ -140,6 +140,8 @@ def run(config: ServerConfig, engine_args: Any, count: int) -> int:
         _stop(procs, config.drain_timeout)
         if engine_manager is not None:
             engine_manager.shutdown(timeout=10)
+        if listeners is not None:
+            listeners.cleanup()  # the ipc paths
         if reservation is not None:
             reservation.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -174,9 +176,13 @@ def _reserve_port(config: ServerConfig) -> tuple[socket.socket | None, int]:
 
 
 def _launch(config: ServerConfig, engine_args: Any, count: int,
-            procs: list[multiprocessing.process.BaseProcess]) -> Any:  # fmt: skip
+            procs: list[multiprocessing.process.BaseProcess]) -> tuple[Any, Any]:  # fmt: skip
     """The engine core and the front ends (into `procs` as they start, so that a
-    signal meanwhile stops those already running); returns the engine's manager."""
+    signal meanwhile stops those already running); returns the engine's manager
+    and the ZMQ listeners. The caller holds the listeners until the engine stops:
+    vLLM's EngineZmqListeners unlinks its ipc paths when collected, and an engine
+    socket that has not connected yet (the output side connects after the
+    handshake) could then never reach its front end: every call would hang."""
     from vllm.v1.engine.utils import bind_engine_zmq_listeners, launch_core_engines
     from vllm.v1.executor import Executor
 
@@ -205,7 +211,7 @@ def _launch(config: ServerConfig, engine_args: Any, count: int,
         launch.watched_frontend_processes = procs
         engine_manager = launch.engine_manager
     # The engine is up: launch_core_engines waited for its handshake.
-    return engine_manager
+    return engine_manager, listeners
 
 
 def _front_end(config: ServerConfig, engine_args: Any, slot: Slot) -> None:
