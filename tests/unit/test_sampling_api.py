@@ -547,11 +547,11 @@ def test_vllm_gets_only_the_options_a_request_sets() -> None:
 
 
 def test_the_scheduling_policy_is_read_from_vllms_config() -> None:
-    from llmgrpc_server.vllm_adapter.engine import _scheduling_policy
+    from llmgrpc_server.vllm_adapter.facts import scheduling_policy
 
     policy = SimpleNamespace(scheduler_config=SimpleNamespace(policy="priority"))
-    assert _scheduling_policy(policy) == "priority"
-    assert _scheduling_policy(SimpleNamespace()) == "fcfs"
+    assert scheduling_policy(policy) == "priority"
+    assert scheduling_policy(SimpleNamespace()) == "fcfs"
 
 
 # --- the CLI ------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 It owns cancellation (a cancelled or abandoned stream aborts the engine
 request, freeing its KV cache) and translates vLLM's exceptions into the
 service's error vocabulary. Request preparation is sampling.py, output
-processing outputs.py, flags and settings settings.py.
+processing outputs.py, flags and settings settings.py, what it reports
+about the model facts.py.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from llmgrpc_server.errors import (
     ServiceError,
     Unavailable,
 )
-from llmgrpc_server.vllm_adapter import failures, frontends, lora, multinode
+from llmgrpc_server.vllm_adapter import facts, failures, frontends, lora, multinode
 from llmgrpc_server.vllm_adapter.codec import Codec
 from llmgrpc_server.vllm_adapter.outputs import OutputStream
 from llmgrpc_server.vllm_adapter.sampling import to_sampling_params
@@ -69,9 +70,9 @@ class VllmEngine:
             max_model_len=config.max_model_len,
             max_logprobs=config.max_logprobs,
             has_chat_template=bool(getattr(self._tokenizer, "chat_template", None)),
-            priority_scheduling=_scheduling_policy(llm.vllm_config) == "priority",
+            priority_scheduling=facts.scheduling_policy(llm.vllm_config) == "priority",
             model_names=domain.served_names(config.served_model_name, config.model),
-            max_token_bytes=_max_token_bytes(self._tokenizer),
+            max_token_bytes=facts.max_token_bytes(self._tokenizer),
             caps=size_caps,
         ).capped(max_prompt_tokens, max_tokens)
         self._lora = lora.support(llm.vllm_config)
@@ -317,29 +318,8 @@ class VllmEngine:
         return self._codec.decode(token_ids, skip_special_tokens)
 
     def model_info(self) -> domain.ModelInfo:
-        vc = self._llm.vllm_config
-        mc, cc = vc.model_config, vc.cache_config
-        return domain.ModelInfo(
-            model_name=domain.served_names(mc.served_model_name, mc.model)[0],
-            model_path=self._model_path,
-            max_model_len=mc.max_model_len,
-            dtype=str(mc.dtype).removeprefix("torch."),
-            vocab_size=mc.get_vocab_size(),
-            engine_version=f"vllm {vllm.__version__}",
-            kv_cache_dtype=_kv_dtype(str(cc.cache_dtype), str(mc.dtype)),
-            kv_cache=domain.KvCacheInfo(
-                block_size=int(cc.block_size),
-                num_blocks=int(cc.num_gpu_blocks or 0),
-                memory_bytes=int(getattr(cc, "kv_cache_memory_bytes", None) or 0),
-            ),
-            hf_config=_hf_config(mc),
-            has_chat_template=self._limits.has_chat_template,
-            max_logprobs=self._limits.max_logprobs,
-            lora=self._lora,
-            priority_scheduling=self._limits.priority_scheduling,
-            max_n=self._limits.caps.max_n_sequences,
-            adapters=self.adapters.infos(),
-        )
+        return facts.model_info(self._llm.vllm_config, self._model_path, self._limits,
+                                self._lora, self.adapters.infos())  # fmt: skip
 
     # --- request preparation -----------------------------------------------
 
@@ -367,13 +347,6 @@ class VllmEngine:
         return ids
 
 
-def _max_token_bytes(tokenizer: Any) -> int:
-    """What one id can cost in a Detokenize answer: the longest token string's
-    UTF-8 bytes (a decoded token is never longer: "Ġ" becomes one space, "<0x41>"
-    one byte), plus a space some decoders put between tokens."""
-    return max(len(token.encode()) for token in tokenizer.get_vocab()) + 1
-
-
 def _check_deadline(request: domain.GenerationRequest) -> None:
     if request.deadline is not None and time.monotonic() >= request.deadline:
         raise DeadlineExceeded("the request's deadline passed before it started")
@@ -381,21 +354,3 @@ def _check_deadline(request: domain.GenerationRequest) -> None:
 
 def _input_chars(text: str | None, chat: domain.Chat | None) -> int:
     return len(text or "") + (sum(len(turn.content) for turn in chat.turns) if chat else 0)
-
-
-def _scheduling_policy(vllm_config: Any) -> str:
-    """vLLM's --scheduling-policy ("fcfs" or "priority")."""
-    scheduler = getattr(vllm_config, "scheduler_config", None)  # absent from test stubs
-    return str(getattr(scheduler, "policy", "fcfs"))
-
-
-def _kv_dtype(cache_dtype: str, model_dtype: str) -> str:
-    return model_dtype.removeprefix("torch.") if cache_dtype == "auto" else cache_dtype
-
-
-def _hf_config(model_config: Any) -> dict[str, Any]:
-    try:
-        return dict(model_config.hf_config.to_dict())
-    except Exception:
-        log.warning("could not read the model's config", exc_info=True)
-        return {}
