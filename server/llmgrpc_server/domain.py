@@ -378,3 +378,18 @@ def served_names(served: str | Sequence[str] | None, model: str) -> tuple[str, .
     if not served:
         return (model,)
     return (served,) if isinstance(served, str) else tuple(served)
+
+
+def check_token_ids(field: str, ids: tuple[int, ...] | list[int], vocab_size: int) -> None:
+    # max() runs in C: a Python loop over a long list would hold the event loop.
+    if not ids or max(ids) < vocab_size:
+        return
+    i, token = next((i, t) for i, t in enumerate(ids) if t >= vocab_size)
+    raise InvalidArgument(
+        f"{field}[{i}]", f"token id {token} is outside the vocabulary (size {vocab_size})"
+    )
+
+
+def check_count(field: str, count: int, what: str, cap: int, flag: str) -> None:
+    if count > cap:
+        raise InvalidArgument(field, f"{count} {what} exceed the server's {flag} of {cap}")

@@ -22,7 +22,7 @@ from llmgrpc.client import generate_request, tokenize_request
 from llmgrpc.v1 import llm_service_pb2 as pb
 from llmgrpc_server import domain, policy
 from llmgrpc_server.config import SIZE_CAP_FLAGS, ServerConfig
-from llmgrpc_server.convert import check_token_ids
+from llmgrpc_server.domain import check_token_ids
 from llmgrpc_server.errors import InvalidArgument
 
 from tests.fake_server import FakeServer, start_fake
