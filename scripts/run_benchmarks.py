@@ -59,8 +59,9 @@ UNARY_LEVELS = (1, 32)
 MAX_TOKENS, PROMPT_LEN = 128, 32
 SCRAPE_RATE = 20.0
 BACKENDS = ("grpc", "grpc-tuned", "inprocess", "openai")
-OPTIONAL_BACKENDS = ("grpc-own-session", "grpc-api2")
+OPTIONAL_BACKENDS = ("grpc-unpinned", "grpc-own-session", "grpc-api2")
 LABELS = {"grpc": "llmgrpc, defaults", "grpc-tuned": "llmgrpc, tuned placement",
+          "grpc-unpinned": "llmgrpc, --no-pin-front-end",
           "grpc-own-session": "llmgrpc, defaults, own session",
           "grpc-api2": "llmgrpc, --api-server-count 2",
           "inprocess": "in-process engine", "openai": "vLLM OpenAI HTTP"}  # fmt: skip
@@ -308,7 +309,7 @@ def _child(backend: str, args: argparse.Namespace, *flags: str, **kw: Any) -> di
 
 def _server_cmd(backend: str, port: int) -> list[str]:
     if _kind(backend) == "grpc":
-        tuned = {"grpc-tuned": ["--pin-front-end"],
+        tuned = {"grpc-unpinned": ["--no-pin-front-end"],
                  "grpc-api2": ["--api-server-count", "2"]}.get(backend, [])
         return [str(Path(sys.executable).parent / "llmgrpc-server"), "--model", MODEL,
                 "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
@@ -533,7 +534,7 @@ def _targets(results: dict[str, Any]) -> list[str]:
     if "inprocess" not in results:
         return ["(needs the inprocess backend)"]
     rows = []
-    for backend in ("grpc", "grpc-tuned"):
+    for backend in ("grpc", "grpc-tuned", "grpc-unpinned"):
         if backend not in results:
             continue
         for c in (32, 64):

@@ -92,11 +92,11 @@ SHARED: dict[str, list[str]] = {
               "--max-concurrent-streams", str(LLAMA_MAX_CONCURRENT_STREAMS),
               "--drain-timeout", str(LLAMA_DRAIN_TIMEOUT)],
     # The MoE model, a base model without a chat template. Its tests read
-    # facts, so it also carries the flags of two tests that need a server of
-    # their own: --pin-front-end (the placement test reads its processes' CPUs)
-    # and one engine slot (the engine-death test, the last on it, kills its
-    # engine with 15 calls queued).
-    "moe": ["--model", "tiny-mixtral-moe", "--pin-front-end", "--max-num-seqs", "1"],
+    # facts (the placement test reads its processes' CPUs, as the default
+    # --pin-front-end leaves them), so it also carries the flag of a test that
+    # needs a server of its own: one engine slot (the engine-death test, the
+    # last on it, kills its engine with 15 calls queued).
+    "moe": ["--model", "tiny-mixtral-moe", "--max-num-seqs", "1"],
     "limited": ["--model", "tiny-llama-gqa",
                 "--max-in-flight", str(LIMITED_MAX_IN_FLIGHT), "--max-num-seqs", "1",
                 "--drain-timeout", str(LIMITED_DRAIN_TIMEOUT),

@@ -94,9 +94,9 @@ class ServerConfig:
     max_bad_words: int = SizeCaps.max_bad_words
     max_bad_word_chars: int = SizeCaps.max_bad_word_chars
     max_n_sequences: int = SizeCaps.max_n_sequences
-    # With vLLM's CPU backend: keep the front end off the worker's cores.
-    # Opt-in: docs/deploy.md, "CPU placement".
-    pin_front_end: bool = False
+    # With vLLM's CPU backend: keep the front end off the worker's cores
+    # (docs/deploy.md, "CPU placement"); nothing moves where nothing is bound.
+    pin_front_end: bool = True
     # vLLM's --api-server-count: gRPC front-end processes on one port (frontends.py).
     api_server_count: int = 1
     # Which of them this process is (set by the manager, not a flag).
@@ -210,7 +210,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         default=ServerConfig.pin_front_end,
         help="CPU backend: run this process and the engine core on the CPUs vLLM's worker "
         "is not bound to (its reserved ones); nothing happens where the worker is not bound "
-        "(default: off)",
+        "(default: on; --no-pin-front-end leaves them to the kernel)",
     )  # fmt: skip
     g.add_argument(
         "--models-dir", type=Path,

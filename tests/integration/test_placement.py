@@ -1,5 +1,5 @@
-"""The served engine's processes, as `--pin-front-end` leaves them (the shared
-`moe` server carries the flag)."""
+"""The served engine's processes, as `--pin-front-end` (the default) leaves
+them, on the shared `moe` server."""
 
 from __future__ import annotations
 

@@ -70,17 +70,17 @@ def test_flags_reach_the_config() -> None:
     ns = parser.parse_args([
         "--max-prompt-tokens", "100", "--max-tokens-limit", "50",
         "--max-message-bytes", "65536", "--max-concurrent-streams", "8",
-        "--max-tokens-per-message", "1", "--pin-front-end",
+        "--max-tokens-per-message", "1", "--no-pin-front-end",
     ])  # fmt: skip
     config = server_config.from_namespace(ns)
     assert (config.max_prompt_tokens, config.max_tokens_limit) == (100, 50)
     assert (config.max_message_bytes, config.max_concurrent_streams) == (65536, 8)
     assert config.max_tokens_per_message == 1
-    assert config.pin_front_end is True
+    assert config.pin_front_end is False
     defaults = server_config.from_namespace(parser.parse_args([]))
     assert defaults.max_prompt_tokens is None and defaults.max_tokens_limit is None
     assert defaults.max_tokens_per_message == 8
-    assert defaults.pin_front_end is False
+    assert defaults.pin_front_end is True
 
 
 def test_size_cap_flags_reach_the_limits() -> None:

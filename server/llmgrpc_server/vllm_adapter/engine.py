@@ -97,7 +97,9 @@ class VllmEngine:
     ) -> VllmEngine:  # fmt: skip
         """Build the engine; the caps are the operator's (--max-prompt-tokens,
         --max-tokens-limit) on top of the model's context; `pin_front_end`
-        keeps this process off the CPU worker's cores (cpu_placement)."""
+        keeps this process and its engine core off the CPU worker's cores
+        (cpu_placement; not with --api-server-count, whose engine core is not
+        ours)."""
         if not vllm.__version__.startswith(SUPPORTED_VLLM):
             log.warning("vLLM %s is untested; supported: %s", vllm.__version__, SUPPORTED_VLLM)
         # Building the engine blocks for tens of seconds (weights, KV cache,
@@ -110,7 +112,7 @@ class VllmEngine:
                 args, lambda: asyncio.to_thread(AsyncLLM.from_engine_args, args)
             )
         cache_vllm_settings()
-        if pin_front_end:
+        if pin_front_end and slot is None:  # N front ends are meant to spread over cores
             cpu_placement.place_front_end()
         engine = cls(
             llm,
