@@ -312,11 +312,11 @@ def _child(backend: str, args: argparse.Namespace, *flags: str, **kw: Any) -> di
 
 def _server_cmd(backend: str, port: int) -> list[str]:
     if _kind(backend) == "grpc":
-        tuned = {"grpc-unpinned": ["--no-pin-front-end"],
-                 "grpc-api2": ["--api-server-count", "2"]}.get(backend, [])
+        variant = {"grpc-unpinned": ["--no-pin-front-end"],
+                   "grpc-api2": ["--api-server-count", "2"]}.get(backend, [])
         return [str(Path(sys.executable).parent / "llmgrpc-server"), "--model", MODEL,
                 "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
-                "--drain-timeout", "5", *tuned]  # fmt: skip
+                "--drain-timeout", "5", *variant]  # fmt: skip
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(MODEL_DIR),
             "--served-model-name", MODEL, "--kv-cache-memory-bytes", str(64 * 1024 * 1024),
             "--max-model-len", "2048", "--host", "127.0.0.1", "--port", str(port),
@@ -730,12 +730,13 @@ def write_markdown(doc: dict[str, Any], path: Path, png: str) -> None:
         "autogroup scheduling let streams stall for hundreds of ms under other users' load "
         "(TTFT close to E2E, for llmgrpc and vLLM's server alike, never in-process).",
         "- gRPC, defaults: `llmgrpc-server --model tiny-llama-gqa`; tuned: the same server, "
-        "the load placed as below; unpinned: the same with `--no-pin-front-end`. In-process: `AsyncLLM` with the "
-        "same engine settings (KV cache 64 MiB, max_model_len 2048, vLLM's defaults "
-        "otherwise), prompts tokenized and passed as ids, `RequestOutputKind.DELTA`, vLLM's "
-        "settings cached once the engine is up (`vllm.envs.enable_envs_cache()`), as the "
-        "server does. OpenAI: `python -m vllm.entrypoints.openai.api_server` with the same "
-        "settings and `--disable-uvicorn-access-log`; streaming `/v1/completions` with "
+        "the load placed as below; unpinned: the same with `--no-pin-front-end`. "
+        "In-process: `AsyncLLM` with the same engine settings (KV cache 64 MiB, "
+        "max_model_len 2048, vLLM's defaults otherwise), prompts tokenized and passed as "
+        "ids, `RequestOutputKind.DELTA`, vLLM's settings cached once the engine is up "
+        "(`vllm.envs.enable_envs_cache()`), as the server does. OpenAI: "
+        "`python -m vllm.entrypoints.openai.api_server` with the same settings and "
+        "`--disable-uvicorn-access-log`; streaming `/v1/completions` with "
         "`return_token_ids` (the same payload as llmgrpc's deltas).",
         "- The load comes from `llmgrpc bench` (`client/llmgrpc/bench.py`), in a separate "
         "process per backend, on uvloop: requests per run = max(16, 6 x concurrency), "
