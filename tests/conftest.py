@@ -36,15 +36,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                                 + "\n  ".join(unmarked))  # fmt: skip
     # After every other engine test, in the order they were collected, so that
     # the servers they stop are not kept up through the tests that need none.
+    from tests.server_process import LAST_USE
+
     items[:] = sorted(items, key=_run_order(items))
-    _LAST_USE.clear()
+    LAST_USE.clear()
     for item in items:
         for name in ENGINE_FIXTURES & set(item.fixturenames):
-            _LAST_USE[name] = item.nodeid
-
-
-# Engine fixture -> the node id of the last test that uses it.
-_LAST_USE: dict[str, str] = {}
+            LAST_USE[name] = item.nodeid
 
 
 def _run_order(items: list[pytest.Item]) -> Callable[[pytest.Item], tuple[int, int, int, int]]:
@@ -79,8 +77,16 @@ def _run_order(items: list[pytest.Item]) -> Callable[[pytest.Item], tuple[int, i
 @pytest.hookimpl(trylast=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
     """Stop a shared server after the last test that uses it, not at the session's end."""
-    from tests.server_process import LIVE
+    from tests.server_process import LAST_USE, LIVE
 
-    for name, last in _LAST_USE.items():
+    for name, last in LAST_USE.items():
         if last == item.nodeid and name in LIVE:
             LIVE[name].stop()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Stop a server started ahead of its tests that none ran (an interrupted session)."""
+    from tests.server_process import EARLY
+
+    while EARLY:
+        EARLY.popitem()[1].stop()

@@ -40,9 +40,10 @@ _METRICS_PORT = re.compile(r"metrics listening on port (\d+)")
 SLOW_READER = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
 
 
-def start_stream(client: AsyncClient, max_tokens: int, timeout: float = 120.0) -> grpc.aio.Call:
+def start_stream(client: AsyncClient, max_tokens: int, timeout: float = 120.0,
+                 **sampling: Any) -> grpc.aio.Call:  # fmt: skip
     """Start a GenerateStream call (gRPC sends it at once) without reading it."""
-    req = generate_request("Overload", max_tokens=max_tokens, ignore_eos=True)
+    req = generate_request("Overload", max_tokens=max_tokens, ignore_eos=True, **sampling)
     return client.stub.GenerateStream(req, timeout=timeout)  # type: ignore[no-any-return]
 
 
@@ -122,6 +123,11 @@ ENGINE_FIXTURES: set[str] = set()
 # The servers running() has up, by name (a shared server's name is its
 # fixture's): tests/conftest.py stops each after the last test that uses it.
 LIVE: dict[str, ServerProcess] = {}
+# Engine fixture -> the node id of the last test that uses it (tests/conftest.py).
+LAST_USE: dict[str, str] = {}
+# Servers launched ahead of their fixture (tests/integration/conftest.py),
+# by name: running() takes one from here instead of launching it.
+EARLY: dict[str, ServerProcess] = {}
 
 
 def engine_fixture(scope: str = "session") -> Callable[[F], F]:
@@ -191,6 +197,13 @@ class ServerProcess:
         except (grpc.RpcError, grpc.FutureTimeoutError) as e:
             raise RuntimeError(f"server never became ready ({e!r}):\n{self.log()[-6000:]}") from e
 
+    def wait_started(self, timeout: float = STARTUP_TIMEOUT) -> None:
+        """Wait until the server serves or has failed (its own fixture reports why)."""
+        try:
+            self.wait_serving(timeout=timeout)
+        except (RuntimeError, TimeoutError):
+            pass
+
     def _check_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
             raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-6000:]}")
@@ -229,7 +242,7 @@ def running(args: list[str], name: str, request: pytest.FixtureRequest) -> Itera
     """
     _check_marked(request)
     failed_before = request.session.testsfailed
-    server = launch(args, name=name)
+    server = EARLY.pop(name, None) or launch(args, name=name)
     LIVE[name] = server
     failed = True
     try:

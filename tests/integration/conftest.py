@@ -8,13 +8,34 @@ from pathlib import Path
 import pytest
 from llmgrpc_server import models
 
-from tests.server_process import SHARED, ServerProcess, engine_fixture, running
+from tests.server_process import (
+    EARLY,
+    LAST_USE,
+    LIVE,
+    SHARED,
+    ServerProcess,
+    engine_fixture,
+    launch,
+    running,
+)
 from tests.smollm_reference import MODEL, Greedy, greedy_answers
+
+# A shared server -> the one launched with it, if this session uses that one.
+# A start is mostly imports, one process at a time: two starts on this
+# machine's two cores take little longer than one. The first waits for the
+# second too, so that no test runs during a start; the second then sits idle
+# (an idle engine sleeps) until its own tests.
+STARTED_WITH = {"llama": "moe"}
 
 
 def _serve(name: str, request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
     with running(SHARED[name], name, request) as server:
+        partner = STARTED_WITH.get(name)
+        if partner in LAST_USE and partner not in LIVE and partner not in EARLY:
+            EARLY[partner] = launch(SHARED[partner], name=partner)
         server.wait_serving()
+        if partner in EARLY:
+            EARLY[partner].wait_started()
         yield server
 
 
@@ -35,8 +56,7 @@ def limited(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
 
 @pytest.fixture(scope="session")
 def smollm_reference() -> dict[str, Greedy]:
-    """transformers' answers, computed before the server below starts (its idle
-    engine would take the CPU)."""
+    """transformers' answers (the smollm server computes them while it starts)."""
     return greedy_answers(Path(models.resolve(MODEL, models.default_models_dir())))
 
 
@@ -58,11 +78,15 @@ def lora_reference() -> dict[str, dict[str, Greedy]]:
 
 
 @engine_fixture()
-def smollm(
-    smollm_reference: dict[str, Greedy], lora_reference: dict[str, dict[str, Greedy]],
-    request: pytest.FixtureRequest,
-) -> Iterator[ServerProcess]:
-    yield from _serve("smollm", request)
+def smollm(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    """The real model's server. transformers' reference answers (~45 s here)
+    are computed while it starts: its start is mostly imports in one process
+    at a time, on one core; an engine that has started and sits idle sleeps."""
+    with running(SHARED["smollm"], "smollm", request) as server:
+        request.getfixturevalue("smollm_reference")
+        request.getfixturevalue("lora_reference")
+        server.wait_serving()
+        yield server
 
 
 @pytest.fixture(autouse=True)

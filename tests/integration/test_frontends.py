@@ -2,7 +2,9 @@
 (server/llmgrpc_server/vllm_adapter/frontends.py, issue 17).
 
 One server for the spread, the metrics and the drain (the drain stops it);
-one more whose engine core is killed under a stream.
+one more whose engine core is killed under a stream. Both start together:
+a start is mostly imports, one process at a time, and this machine has two
+cores; the second then sits idle (an idle engine sleeps) until its test.
 """
 
 from __future__ import annotations
@@ -39,7 +41,15 @@ def _channel(target: str) -> grpc.Channel:
 
 
 @engine_fixture(scope="module")
-def pair(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+def doomed(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    """The server whose engine core the last test kills, launched (not waited on)."""
+    with running(ARGS, "frontends-death", request) as server:
+        yield server
+
+
+@engine_fixture(scope="module")
+def pair(doomed: ServerProcess, request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    """Starts beside `doomed`, which its tests do not use."""
     with running(ARGS, "frontends", request) as server:
         server.wait_serving()
         yield server
@@ -104,50 +114,47 @@ def test_sigterm_drains_every_front_end_then_exits_0(pair: ServerProcess) -> Non
     assert log.count("draining: in-flight calls have") == 2, log[-3000:]
 
 
-def test_a_dead_engine_fails_the_stream_and_the_server_exits_1(
-    request: pytest.FixtureRequest,
-) -> None:
-    with running(ARGS, "frontends-death", request) as server:
-        server.wait_serving()
-        assert server.proc is not None
-        engines = cpu_placement.descendants_named(server.proc.pid, "VLLM::EngineCor")
-        assert len(engines) == 1, engines
-        statuses: list[str] = []
-        seen = threading.Event()
+@pytest.mark.stops_server
+def test_a_dead_engine_fails_the_stream_and_the_server_exits_1(doomed: ServerProcess) -> None:
+    doomed.wait_serving()
+    assert doomed.proc is not None
+    engines = cpu_placement.descendants_named(doomed.proc.pid, "VLLM::EngineCor")
+    assert len(engines) == 1, engines
+    statuses: list[str] = []
+    seen = threading.Event()
 
-        def watch() -> None:
-            with _channel(server.target) as ch:
-                try:
-                    for resp in health_pb2_grpc.HealthStub(ch).Watch(
-                        health_pb2.HealthCheckRequest(service=SERVICE), timeout=300
-                    ):
-                        statuses.append(health_pb2.HealthCheckResponse.ServingStatus.Name(
-                            resp.status))
-                        if statuses[-1] == "SERVING":
-                            seen.set()
-                        if statuses[-1] == "NOT_SERVING":
-                            return
-                except grpc.RpcError as e:  # the server went away
-                    statuses.append(e.code().name)
-                finally:
-                    seen.set()
+    def watch() -> None:
+        with _channel(doomed.target) as ch:
+            try:
+                for resp in health_pb2_grpc.HealthStub(ch).Watch(
+                    health_pb2.HealthCheckRequest(service=SERVICE), timeout=300
+                ):
+                    statuses.append(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
+                    if statuses[-1] == "SERVING":
+                        seen.set()
+                    if statuses[-1] == "NOT_SERVING":
+                        return
+            except grpc.RpcError as e:  # the server went away
+                statuses.append(e.code().name)
+            finally:
+                seen.set()
 
-        watcher = threading.Thread(target=watch)
-        watcher.start()
-        assert seen.wait(60)
-        with _channel(server.target) as ch:
-            call = pb_grpc.LLMServiceStub(ch).GenerateStream(
-                generate_request("Doomed", max_tokens=LONG, ignore_eos=True), timeout=300
-            )
-            stream = iter(call)
-            tokens = len(next(stream).token_ids)
-            os.kill(engines[0], signal.SIGKILL)
-            with pytest.raises(grpc.RpcError) as failed:
-                for msg in stream:
-                    tokens += len(msg.token_ids)
-        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value
-        assert tokens < LONG
-        watcher.join(120)
-        assert statuses[0] == "SERVING" and statuses[-1] in ("NOT_SERVING", "UNAVAILABLE"), statuses
-        assert server.wait_exit(120) == 1
-        assert poll(lambda: not cpu_placement.descendants(server.proc.pid), 60)  # type: ignore[union-attr]
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    assert seen.wait(60)
+    with _channel(doomed.target) as ch:
+        call = pb_grpc.LLMServiceStub(ch).GenerateStream(
+            generate_request("Doomed", max_tokens=LONG, ignore_eos=True), timeout=300
+        )
+        stream = iter(call)
+        tokens = len(next(stream).token_ids)
+        os.kill(engines[0], signal.SIGKILL)
+        with pytest.raises(grpc.RpcError) as failed:
+            for msg in stream:
+                tokens += len(msg.token_ids)
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value
+    assert tokens < LONG
+    watcher.join(120)
+    assert statuses[0] == "SERVING" and statuses[-1] in ("NOT_SERVING", "UNAVAILABLE"), statuses
+    assert doomed.wait_exit(120) == 1
+    assert poll(lambda: not cpu_placement.descendants(doomed.proc.pid), 60)  # type: ignore[union-attr]

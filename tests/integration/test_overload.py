@@ -48,6 +48,8 @@ from tests.server_process import LIMITED_MAX_IN_FLIGHT as MAX_IN_FLIGHT
 from tests.server_process import ServerProcess, start_stream
 from tests.status_details import details
 
+BURST_TOKENS = 32
+
 
 @dataclass
 class Outcome:
@@ -103,7 +105,10 @@ async def test_burst_beyond_max_in_flight_is_refused_at_once(limited: ServerProc
         # their slots however long the others take: a refused call that waited
         # for a slot (queueing) would never come back.
         start = time.monotonic()
-        calls = [start_stream(client, 300) for _ in range(burst)]  # > 1 KiB each: held
+        # 20 logprobs a token: over 1 KiB within a few tokens, so a short
+        # stream is held, and the 64 admitted ones (one engine slot) finish
+        # in seconds (300 plain tokens each took a minute here).
+        calls = [start_stream(client, BURST_TOKENS, logprobs=20) for _ in range(burst)]
         ended: dict[int, float] = {}
         for i, call in enumerate(calls):
             call.add_done_callback(lambda _, i=i: ended.setdefault(i, time.monotonic() - start))
@@ -118,7 +123,7 @@ async def test_burst_beyond_max_in_flight_is_refused_at_once(limited: ServerProc
     assert all(o.retry_delay == 1.0 for o in refused)  # RetryInfo
     # The admitted ones then finish whole.
     assert [(o.code, o.tokens, o.finish) for o in admitted] == [
-        (grpc.StatusCode.OK, 300, pb.FINISH_REASON_LENGTH)] * MAX_IN_FLIGHT  # fmt: skip
+        (grpc.StatusCode.OK, BURST_TOKENS, pb.FINISH_REASON_LENGTH)] * MAX_IN_FLIGHT  # fmt: skip
     assert await eventually(lambda: refused_total() - refused_before == excess)
     print(
         f"\nburst of {burst}, --max-in-flight {MAX_IN_FLIGHT}: {excess} refused in p50 "

@@ -1,5 +1,5 @@
 """The served engine's processes, as `--pin-front-end` (the default) leaves
-them, on the shared `moe` server."""
+them, on the shared `moe` server: placed, and the engine core reniced."""
 
 from __future__ import annotations
 
@@ -35,6 +35,13 @@ def test_front_end_and_engine_core_run_off_the_workers_cpus(moe: ServerProcess) 
             frozenset(front_end)
         }, f"{_comm(pid)}: {threads}"
     assert f"front end and engine core on CPUs {sorted(front_end)}" in moe.log()
+    # The engine core's spin while the worker computes weighs little (cpu_placement).
+    assert _nice(engine_core[0]) == {cpu_placement.ENGINE_CORE_NICE}
+    assert _nice(server) == {os.getpriority(os.PRIO_PROCESS, 0)}
+
+
+def _nice(pid: int) -> set[int]:
+    return {os.getpriority(os.PRIO_PROCESS, t) for t in _threads(pid)}
 
 
 def _comm(pid: int) -> str:

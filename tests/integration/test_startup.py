@@ -9,10 +9,14 @@ failure tests end before any engine starts.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import psutil
@@ -20,7 +24,7 @@ import pytest
 from llmgrpc_server import models
 from llmgrpc_server.server import EXIT_STOPPED_LOADING
 
-from tests.server_process import SERVER, ServerProcess, running
+from tests.server_process import SERVER, ServerProcess, engine_fixture, running
 from tests.settings import STARTUP_TIMEOUT
 from tests.waiting import poll
 
@@ -28,15 +32,32 @@ SIGNAL_DEADLINE = 15.0  # seconds from the signal to the exit (issue 12)
 STALLED_LOAD = "Loading safetensors checkpoint shards"  # vLLM's worker, opening the weights
 
 
-@pytest.fixture
-def stalled_model(tmp_path: Path) -> Path:
+SIGNALS = {"SIGTERM": signal.SIGTERM, "SIGINT": signal.SIGINT}
+
+
+def stalled_model(directory: Path) -> Path:
     """The tiny model with its weights file replaced by a named pipe."""
     source = Path(models.resolve("tiny-llama-gqa", models.default_models_dir()))
-    model = tmp_path / "stalled-model"
+    model = directory / "stalled-model"
     shutil.copytree(source, model)
     (model / "model.safetensors").unlink()
     os.mkfifo(model / "model.safetensors")
     return model
+
+
+@engine_fixture(scope="module")
+def stalled(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[dict[str, ServerProcess]]:
+    """A stalled server per signal, both launched at once: a start is mostly
+    imports, one process at a time, and this machine has two cores."""
+    with ExitStack() as stack:
+        servers = {}
+        for name in SIGNALS:
+            model = stalled_model(tmp_path_factory.mktemp(name))
+            args = ["--model", str(model), "--kv-cache-memory-bytes", str(64 * 1024 * 1024)]
+            servers[name] = stack.enter_context(running(args, f"stalled-{name}", request))
+        yield servers
 
 
 def _loading(server: ServerProcess) -> bool:
@@ -69,67 +90,35 @@ def _group(pgid: int) -> list[psutil.Process]:
 
 
 @pytest.mark.engine
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("name", SIGNALS)
 def test_a_signal_during_the_load_exits_at_once_leaving_no_engine_process(
-    sig: signal.Signals, stalled_model: Path, request: pytest.FixtureRequest
+    name: str, stalled: dict[str, ServerProcess]
 ) -> None:
-    args = ["--model", str(stalled_model), "--kv-cache-memory-bytes", str(64 * 1024 * 1024)]
-    with running(args, "stalled", request) as server:
-        assert server.proc is not None
-        assert poll(lambda: _loading(server), STARTUP_TIMEOUT, interval=0.5)
-        engine = psutil.Process(server.proc.pid).children(recursive=True)
-        names = sorted(p.name() for p in engine)
-        assert any(n.startswith("VLLM::EngineCore") for n in names), names
-        signalled = time.monotonic()
-        server.signal(sig)
-        code = server.wait_exit(timeout=SIGNAL_DEADLINE)
-        took = time.monotonic() - signalled
-        print(f"\n{sig.name} during the load: exit {code} after {took:.1f} s; "
-              f"engine processes were {names}")  # fmt: skip
-        assert code == EXIT_STOPPED_LOADING
-        # vLLM's engine core and worker are gone by the time the server has exited ...
-        assert [p.name() for p in engine if _alive(p) and p.name().startswith("VLLM")] == []
-        # ... and the rest of its family soon after: Python's resource tracker
-        # ends once the last process holding its pipe has.
-        assert poll(lambda: not _group(server.proc.pid), 5), _group(server.proc.pid)  # type: ignore[union-attr]
-        assert "stopped while the model was loading" in server.log()
+    server, sig = stalled[name], SIGNALS[name]
+    assert server.proc is not None
+    assert poll(lambda: _loading(server), STARTUP_TIMEOUT, interval=0.5)
+    engine = psutil.Process(server.proc.pid).children(recursive=True)
+    names = sorted(p.name() for p in engine)
+    assert any(n.startswith("VLLM::EngineCore") for n in names), names
+    signalled = time.monotonic()
+    server.signal(sig)
+    code = server.wait_exit(timeout=SIGNAL_DEADLINE)
+    took = time.monotonic() - signalled
+    print(f"\n{sig.name} during the load: exit {code} after {took:.1f} s; "
+          f"engine processes were {names}")  # fmt: skip
+    assert code == EXIT_STOPPED_LOADING
+    # vLLM's engine core and worker are gone by the time the server has exited ...
+    assert [p.name() for p in engine if _alive(p) and p.name().startswith("VLLM")] == []
+    # ... and the rest of its family soon after: Python's resource tracker
+    # ends once the last process holding its pipe has.
+    assert poll(lambda: not _group(server.proc.pid), 5), _group(server.proc.pid)  # type: ignore[union-attr]
+    assert "stopped while the model was loading" in server.log()
 
 
 def _server(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(SERVER), "--port", "0", "--metrics-port", "0", *args],
                           capture_output=True, text=True, timeout=120, check=False,
                           env={**os.environ, **(env or {})})  # fmt: skip
-
-
-@pytest.mark.parametrize(("flag", "named"), [
-    (["--no-such-flag", "1"], "unrecognized arguments: --no-such-flag"),
-    (["--max-in-flight", "0"], "--max-in-flight"),
-])  # fmt: skip
-def test_a_bad_flag_exits_2_naming_it(flag: list[str], named: str) -> None:
-    result = _server(*flag)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert named in result.stderr
-    assert "Traceback" not in result.stderr
-
-
-def test_a_missing_model_directory_is_named(tmp_path: Path) -> None:
-    missing = tmp_path / "no-such-model"
-    result = _server("--model", str(missing))
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert f"--model {missing}: no such file or directory" in result.stderr
-    assert "Traceback" not in result.stderr
-
-
-def test_a_model_that_fails_to_load_ends_with_its_cause(tmp_path: Path) -> None:
-    model = tmp_path / "unknown-architecture"
-    model.mkdir()
-    (model / "config.json").write_text('{"model_type": "no_such_architecture"}')
-    result = _server("--model", str(model))
-    assert result.returncode == 1, result.stderr[-2000:]
-    # vLLM's error is the last thing printed: the port was closed before the
-    # process ended, so grpc adds no "Event loop is closed" trace after it.
-    assert "no_such_architecture" in result.stderr[-1500:], result.stderr[-2000:]
-    assert "Exception ignored" not in result.stderr, result.stderr[-2000:]
 
 
 # A module that run() imports, made to fail as a broken install would (a
@@ -146,12 +135,65 @@ class Broken(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, Broken())
 """
+# A failing start's case -> the process's result, when it ends.
+Starts = dict[str, Future[subprocess.CompletedProcess[str]]]
+MISSING = "no-such-model"
+BAD_FLAGS = {"unknown": (["--no-such-flag", "1"], "unrecognized arguments: --no-such-flag"),
+             "out-of-range": (["--max-in-flight", "0"], "--max-in-flight")}  # fmt: skip
 
 
-def test_an_import_error_in_startup_shows_its_own_message(tmp_path: Path) -> None:
-    (tmp_path / "sitecustomize.py").write_text(_SHIM.format(message=_BROKEN_IMPORT))
-    paths = [str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])]
-    result = _server(env={"PYTHONPATH": os.pathsep.join(paths)})
+@pytest.fixture(scope="module")
+def failed_starts(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Starts]:
+    """Every failing start of this module, run at once (each takes ~12 s of
+    imports, on one core), by case -> its result."""
+    tmp = tmp_path_factory.mktemp("failed-starts")
+    unknown = tmp / "unknown-architecture"
+    unknown.mkdir()
+    (unknown / "config.json").write_text('{"model_type": "no_such_architecture"}')
+    shim = tmp / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(_SHIM.format(message=_BROKEN_IMPORT))
+    paths = [str(shim), *filter(None, [os.environ.get("PYTHONPATH")])]
+    runs: dict[str, tuple[list[str], dict[str, str] | None]] = {
+        **{name: (flag, None) for name, (flag, _) in BAD_FLAGS.items()},
+        "missing": (["--model", str(tmp / MISSING)], None),
+        "unknown-architecture": (["--model", str(unknown)], None),
+        "broken-import": ([], {"PYTHONPATH": os.pathsep.join(paths)}),
+    }
+    with ThreadPoolExecutor(len(runs)) as pool:
+        futures = {name: pool.submit(_server, *args, env=env) for name, (args, env) in runs.items()}
+        yield futures
+
+
+@pytest.mark.parametrize("case", BAD_FLAGS)
+def test_a_bad_flag_exits_2_naming_it(case: str, failed_starts: Starts) -> None:
+    result, named = failed_starts[case].result(), BAD_FLAGS[case][1]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert named in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_missing_model_directory_is_named(failed_starts: Starts) -> None:
+    result = failed_starts["missing"].result()
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert re.search(rf"--model /\S+/{MISSING}: no such file or directory", result.stderr), (
+        result.stderr[-2000:])  # fmt: skip
+    assert "Traceback" not in result.stderr
+
+
+def test_a_model_that_fails_to_load_ends_with_its_cause(failed_starts: Starts) -> None:
+    result = failed_starts["unknown-architecture"].result()
+    assert result.returncode == 1, result.stderr[-2000:]
+    # vLLM's error is the last thing printed: the port was closed before the
+    # process ended, so grpc adds no "Event loop is closed" trace after it.
+    assert "no_such_architecture" in result.stderr[-1500:], result.stderr[-2000:]
+    assert "Exception ignored" not in result.stderr, result.stderr[-2000:]
+
+
+def test_an_import_error_in_startup_shows_its_own_message(failed_starts: Starts) -> None:
+    result = failed_starts["broken-import"].result()
     assert result.returncode == 1, result.stderr[-2000:]
     error = f"ImportError: {_BROKEN_IMPORT}"
     assert result.stderr.rstrip().endswith(error), result.stderr[-2000:]

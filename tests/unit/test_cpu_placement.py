@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 import pytest
 from llmgrpc_server import cpu_placement
-from llmgrpc_server.cpu_placement import Placement, plan
+from llmgrpc_server.cpu_placement import ENGINE_CORE, ENGINE_CORE_NICE, Placement, plan
 
 from tests.waiting import poll
 
@@ -39,14 +39,16 @@ def test_nothing_moves_when_no_worker_is_bound_or_nothing_is_left(masks: list[se
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 usable CPUs")
 def test_place_front_end_moves_every_thread_of_the_parent_and_unbound_children() -> None:
-    """A real process tree: a parent with a thread, an unbound child and a
-    child bound to one CPU, as vLLM leaves them."""
+    """A real process tree: a parent with a thread, an unbound child named as
+    vLLM names its engine core and a child bound to one CPU, as vLLM leaves
+    them. The engine core is also reniced; the parent is not."""
     cpus = sorted(os.sched_getaffinity(0))
     bound, rest = cpus[0], set(cpus[1:])
     script = f"""
 import os, subprocess, sys, threading, time
 sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
-unbound = subprocess.Popen(sleeper)
+unbound = subprocess.Popen([sys.executable, "-c", "import ctypes, time; "
+    "ctypes.CDLL(None).prctl(15, b'VLLM::EngineCore', 0, 0, 0); time.sleep(60)"])
 worker = subprocess.Popen(sleeper)
 os.sched_setaffinity(worker.pid, {{{bound}}})
 threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
@@ -55,6 +57,8 @@ sys.stdin.readline()
 """
     with process_tree(script) as (parent, (unbound, worker)):
         assert set(cpu_placement.descendants(parent)) >= {unbound, worker}
+        # The child names itself once its interpreter is up.
+        assert poll(lambda: cpu_placement.descendants_named(parent, ENGINE_CORE) == [unbound])
 
         placement = cpu_placement.place_front_end(parent)
 
@@ -64,6 +68,13 @@ sys.stdin.readline()
             assert len(tids) >= (2 if pid == parent else 1)
             assert {t: os.sched_getaffinity(int(t)) for t in tids} == dict.fromkeys(tids, rest)
         assert os.sched_getaffinity(worker) == {bound}  # vLLM's binding left alone
+        assert _nice(unbound) == {ENGINE_CORE_NICE}
+        assert _nice(parent) == _nice(worker) == {os.getpriority(os.PRIO_PROCESS, 0)}
+
+
+def _nice(pid: int) -> set[int]:
+    """The nice values of the process's threads."""
+    return {os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir(f"/proc/{pid}/task")}
 
 
 def test_descendants_named_finds_processes_below_by_name_prefix() -> None:
