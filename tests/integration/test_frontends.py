@@ -94,6 +94,12 @@ def test_calls_spread_over_both_front_ends_and_the_metrics_add_up(pair: ServerPr
     assert sample_value(sample, "vllm:request_success_total") == CALLS
     assert sample_value(sample, "llmgrpc_active_streams") == 0
     assert sample_value(sample, "llmgrpc_model_info", model_name="tiny-llama-gqa") == 1
+    # N front ends are meant to spread over the cores: none places itself or
+    # the engine core (no pinning, no renice; engine.py, VllmEngine.start).
+    assert "CPU placement" not in pair.log()
+    assert pair.proc is not None
+    (engine_core,) = cpu_placement.descendants_named(pair.proc.pid, cpu_placement.ENGINE_CORE)
+    assert os.getpriority(os.PRIO_PROCESS, engine_core) == os.getpriority(os.PRIO_PROCESS, 0)
 
 
 @pytest.mark.stops_server
