@@ -128,6 +128,8 @@ LAST_USE: dict[str, str] = {}
 # Servers launched ahead of their fixture (tests/integration/conftest.py),
 # by name: running() takes one from here instead of launching it.
 EARLY: dict[str, ServerProcess] = {}
+# The name of every server launch() has started this session.
+LAUNCHED: set[str] = set()
 
 
 def engine_fixture(scope: str = "session") -> Callable[[F], F]:
@@ -229,6 +231,7 @@ class ServerProcess:
 
 def launch(args: list[str], name: str = "server", **kw: object) -> ServerProcess:
     args = [otlp_receiver.shared().endpoint if a == OTLP_RECEIVER else a for a in args]
+    LAUNCHED.add(name)
     log_dir = Path(tempfile.mkdtemp(prefix=f"llmgrpc-{name}-"))
     return ServerProcess(args=args, log_path=log_dir / "server.log", **kw).start()  # type: ignore[arg-type]
 

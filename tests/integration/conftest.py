@@ -11,7 +11,7 @@ from llmgrpc_server import models
 from tests.server_process import (
     EARLY,
     LAST_USE,
-    LIVE,
+    LAUNCHED,
     SHARED,
     ServerProcess,
     engine_fixture,
@@ -25,13 +25,13 @@ from tests.smollm_reference import MODEL, Greedy, greedy_answers
 # machine's two cores take little longer than one. The first waits for the
 # second too, so that no test runs during a start; the second then sits idle
 # (an idle engine sleeps) until its own tests.
-STARTED_WITH = {"llama": "moe"}
+STARTED_WITH = {"llama": "moe", "limited": "smollm"}
 
 
 def _serve(name: str, request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
     with running(SHARED[name], name, request) as server:
         partner = STARTED_WITH.get(name)
-        if partner in LAST_USE and partner not in LIVE and partner not in EARLY:
+        if partner in LAST_USE and partner not in LAUNCHED:  # used later, not yet started
             EARLY[partner] = launch(SHARED[partner], name=partner)
         server.wait_serving()
         if partner in EARLY:
@@ -79,9 +79,9 @@ def lora_reference() -> dict[str, dict[str, Greedy]]:
 
 @engine_fixture()
 def smollm(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
-    """The real model's server. transformers' reference answers (~45 s here)
-    are computed while it starts: its start is mostly imports in one process
-    at a time, on one core; an engine that has started and sits idle sleeps."""
+    """The real model's server (started with `limited`, STARTED_WITH), and
+    transformers' reference answers (~45 s here), computed while it starts
+    when it has not already."""
     with running(SHARED["smollm"], "smollm", request) as server:
         request.getfixturevalue("smollm_reference")
         request.getfixturevalue("lora_reference")

@@ -215,11 +215,12 @@ async def test_calls_beyond_the_per_connection_limit_are_refused(llama: ServerPr
     url = llama.metrics_url
     assert await eventually(lambda: at_rest(url))  # the streams counted below are these
     async with AsyncClient(llama.target, options=SLOW_READER) as holder:
-        # Held in flight by flow control, not by the engine: 300 tokens (over
-        # 1 KiB) are more than the slow reader's window, and the engine is
-        # done with all 300 in seconds, so the other connection's call below
-        # does not queue behind 600,000 tokens (it took 60 s that way).
-        req = generate_request("Hold", max_tokens=300, ignore_eos=True)
+        # Held in flight by flow control, not by the engine: 32 tokens with
+        # 20 logprobs each (over 1 KiB) are more than the slow reader's
+        # window, and the engine is done with all 300 calls in seconds, so
+        # the other connection's call below does not queue behind them (600
+        # tokens each took 60 s; 300 plain tokens, a 90,000-token wait, 35 s).
+        req = generate_request("Hold", max_tokens=32, ignore_eos=True, logprobs=20)
         held = [holder.stub.GenerateStream(req, timeout=CALL_TIMEOUT) for _ in range(PER_CONNECTION)]
         try:
             assert await eventually(lambda: value(url, "llmgrpc_active_streams") == PER_CONNECTION)
