@@ -56,7 +56,8 @@ def limited(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
 
 @pytest.fixture(scope="session")
 def smollm_reference() -> dict[str, Greedy]:
-    """transformers' answers (the smollm server computes them while it starts)."""
+    """transformers' answers (the smollm fixture asks for them once its server
+    is launched, so that they overlap its start where it is not up already)."""
     return greedy_answers(Path(models.resolve(MODEL, models.default_models_dir())))
 
 
