@@ -93,6 +93,8 @@ def _run_order(items: list[pytest.Item]) -> Callable[[pytest.Item], tuple[int, i
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_call(item: pytest.Item) -> None:
+    """Under `make test`'s two workers, no integration test's body runs beside
+    the other tests (tests/parallel.py)."""
     from tests import parallel
 
     parallel.wait_for_the_rest(item)
