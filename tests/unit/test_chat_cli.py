@@ -13,6 +13,7 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from llmgrpc_server.errors import Overloaded
@@ -204,11 +205,27 @@ async def test_on_a_terminal_it_prompts_and_ctrl_c_stops_only_the_reply(
     assert engine.chats == [[("user", "hi")], [("user", "again")]]
 
 
+def _reading_the_terminal(pid: int) -> bool:
+    """The CLI's main thread is asleep in readline's select() on the terminal.
+
+    Seeing the prompt is not enough: readline shows it before it starts that
+    select(), and a SIGINT in between is only noticed once a key is typed
+    (CPython's readline_until_enter_or_signal checks signals after select()
+    fails with EINTR). On a loaded machine the window is wide enough to hit
+    (seen in CI: the test waited 10 s for an exit that needed a key)."""
+    try:
+        wchan = Path(f"/proc/{pid}/task/{pid}/wchan").read_text()
+    except OSError:
+        return False
+    return "select" in wchan or "poll" in wchan
+
+
 async def test_ctrl_c_at_the_prompt_ends_quietly_with_130(server: FakeServer) -> None:
     term = Terminal()
     proc = await interactive_chat(server.target, term)
     try:
         await term.expect("you> ")
+        assert await eventually(lambda: _reading_the_terminal(proc.pid), timeout=DEADLINE_S)
         proc.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(proc.wait(), DEADLINE_S) == 130
         shown = await asyncio.to_thread(_rest, term)
