@@ -38,16 +38,22 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     first = next((i for i in following
                   if i.get_closest_marker("engine") and not i.get_closest_marker("container")), None)  # fmt: skip
     name = next((n for n in first.fixturenames if n in SHARED), None) if first else None
-    for server in (name, STARTED_WITH.get(name or "")):
-        if server in LAST_USE and server not in LAUNCHED:
-            EARLY[server] = launch(SHARED[server], name=server)
+    if name is not None:
+        _launch_early(name)
+        _launch_early(STARTED_WITH.get(name))
+
+
+def _launch_early(name: str | None) -> None:
+    """Launch shared server `name` ahead of its fixture, if this session uses
+    it and has not started it (its fixture takes it from EARLY)."""
+    if name is not None and name in LAST_USE and name not in LAUNCHED:
+        EARLY[name] = launch(SHARED[name], name=name)
 
 
 def _serve(name: str, request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
     with running(SHARED[name], name, request) as server:
         partner = STARTED_WITH.get(name)
-        if partner in LAST_USE and partner not in LAUNCHED:  # used later, not yet started
-            EARLY[partner] = launch(SHARED[partner], name=partner)
+        _launch_early(partner)
         server.wait_serving()
         if partner in EARLY:
             EARLY[partner].wait_started()
