@@ -29,9 +29,6 @@ TOKENS_PER_LOOP_TURN = 1_024
 # holds back the first token nor the last message.
 COALESCE_STEP = 4
 DEFAULT_COALESCE_BUDGET_S = 0.010
-# StepPace: the weight of each new observation in the moving average (about
-# the last 50 messages of all streams).
-PACE_WEIGHT = 0.02
 
 
 def tokens_per_message(
@@ -46,22 +43,47 @@ def tokens_per_message(
     return max(1, tokens)
 
 
+# StepPace: the span of time each estimate of the engine's step covers.
+PACE_WINDOW_S = 0.5
+
+
 class StepPace:
     """The engine's recent time per decode step, seen by the streams: the time
     between two messages of one stream over the tokens the second carries (the
-    first message, which waited for the prefill, is not a step)."""
+    first message, which waited for the prefill, is not a step).
 
-    def __init__(self) -> None:
+    The estimate is the ratio of those times to those tokens over every
+    message of the last PACE_WINDOW_S, not an average over the last few
+    messages. A busy front end hands out messages in bursts: a stall, then
+    every stream's message at once, each after a long gap, then the
+    catch-up's short ones. An average over the last ~50 messages (a few ms
+    at c=64) followed each burst and read 2-2.6x the engine's step under
+    load, which cut coalescing to one token per message where the budget
+    allowed two or three (docs/benchmarks.md, "Optimisations")."""
+
+    def __init__(self, window_s: float = PACE_WINDOW_S) -> None:
         self.step_s: float | None = None
+        self._window_s = window_s
+        self._since: float | None = None  # when the current window began
+        self._elapsed_s = 0.0
+        self._tokens = 0
+        self._first_window = True
 
-    def observe(self, elapsed_s: float, tokens: int) -> None:
+    def observe(self, elapsed_s: float, tokens: int, now: float) -> None:
         if tokens < 1 or elapsed_s < 0:
             return
-        sample = elapsed_s / tokens
-        if self.step_s is None:
-            self.step_s = sample
-        else:
-            self.step_s += PACE_WEIGHT * (sample - self.step_s)
+        if self._since is None:
+            self._since = now
+        self._elapsed_s += elapsed_s
+        self._tokens += tokens
+        closes = now - self._since >= self._window_s
+        if closes or self._first_window:
+            # The first window's running ratio until it closes; then one
+            # estimate per window.
+            self.step_s = self._elapsed_s / self._tokens
+        if closes:
+            self._since, self._elapsed_s, self._tokens = now, 0.0, 0
+            self._first_window = False
 
 
 def default_max_tokens(room: int, limit: int) -> int:

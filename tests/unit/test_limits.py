@@ -126,15 +126,40 @@ def test_coalescing_stays_within_the_latency_budget(
 
 
 def test_step_pace_follows_the_engine() -> None:
-    pace = StepPace()
+    pace = StepPace(window_s=0.5)
     assert pace.step_s is None
-    pace.observe(0.008, 4)  # 2 ms a step
+    pace.observe(0.008, 4, now=0.0)  # 2 ms a step
     assert pace.step_s == pytest.approx(0.002)
-    for _ in range(500):  # the engine slows to 5 ms a step: the average follows
-        pace.observe(0.010, 2)
-    assert pace.step_s == pytest.approx(0.005, rel=1e-3)
-    pace.observe(0.010, 0)  # no token: nothing learnt
-    assert pace.step_s == pytest.approx(0.005, rel=1e-3)
+    pace.observe(0.004, 1, now=0.1)  # the first window: its running ratio
+    assert pace.step_s == pytest.approx(0.012 / 5)
+    now = 0.1
+    for _ in range(500):  # the engine slows to 5 ms a step: the next windows follow
+        now += 0.005
+        pace.observe(0.010, 2, now=now)
+    assert pace.step_s == pytest.approx(0.005)
+    pace.observe(0.010, 0, now=now + 1)  # no token: nothing learnt
+    assert pace.step_s == pytest.approx(0.005)
+
+
+def test_step_pace_is_the_ratio_over_a_window_not_the_last_burst() -> None:
+    """A busy front end hands out messages in bursts: a stall, every stream's
+    message after a long gap, then short gaps as it catches up. The estimate
+    within a window is the engine's step (here 5 ms), whatever the last burst."""
+    pace = StepPace(window_s=0.5)
+    now = 0.0
+    pace.observe(0.005, 1, now=now)  # a first window closes
+    step = (0.020 + 0.005) / 4  # each stream: 4 tokens per 25 ms cycle
+    for _ in range(60):  # 25 ms cycles: 64 streams each wait 20 ms for a token...
+        now += 0.020
+        for _ in range(64):
+            pace.observe(0.020, 1, now=now)
+        after_the_stall = pace.step_s
+        now += 0.005
+        for _ in range(64 * 3):  # ...then catch up: 3 more tokens each in 5 ms
+            pace.observe(0.005 / 3, 1, now=now)
+        if now >= 0.5:  # a window of these cycles has closed
+            assert after_the_stall == pytest.approx(step, rel=0.05)
+            assert pace.step_s == pytest.approx(step, rel=0.05)
 
 
 @pytest.mark.parametrize(

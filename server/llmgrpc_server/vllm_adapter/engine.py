@@ -193,7 +193,7 @@ class VllmEngine:
                     now = time.monotonic()
                     if last is not None and output.outputs:
                         steps = max(len(c.token_ids) for c in output.outputs)
-                        self._pace.observe(now - last, steps)
+                        self._pace.observe(now - last, steps, now)
                     last = now
                     for delta in stream.deltas(output):
                         yield delta
