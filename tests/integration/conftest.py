@@ -30,18 +30,17 @@ STARTED_WITH = {"llama": "moe", "limited": "smollm"}
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """While the container image builds (minutes from a cold cache, mostly pip
-    and layer commits), launch every shared server this session uses, the
-    next engine test's first (and each with its STARTED_WITH partner): their
-    starts are done when the build is, and they sleep until their tests."""
+    and layer commits), launch the shared servers the next engine test uses
+    (and their STARTED_WITH partners): their start is done when the build is."""
     if not item.get_closest_marker("container"):
         return
     following = item.session.items[item.session.items.index(item) + 1 :]
     first = next((i for i in following
                   if i.get_closest_marker("engine") and not i.get_closest_marker("container")), None)  # fmt: skip
     name = next((n for n in first.fixturenames if n in SHARED), None) if first else None
-    for n in [name, *(n for n in SHARED if n != name)]:
-        _launch_early(n)
-        _launch_early(STARTED_WITH.get(n) if n is not None else None)
+    if name is not None:
+        _launch_early(name)
+        _launch_early(STARTED_WITH.get(name))
 
 
 def _launch_early(name: str | None) -> None:
