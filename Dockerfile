@@ -143,7 +143,8 @@ RUN /opt/venv/bin/python -c "import tomllib; p = tomllib.load(open('/tmp/pyproje
  && rm /tmp/pyproject.toml /tmp/embedded-model.txt /tmp/requirements.txt /tmp/engine-constraints.txt \
  && /opt/venv/bin/python -m compileall -q -j 0 -x 'py312_intrinsics\.py$' /opt/venv/lib > /dev/null
 # llmgrpc itself, its dependencies already there; then the whole stack must
-# import (-B: no bytecode of the import's own, all of it came from compileall).
+# import (-B: the import writes no bytecode; pip compiled llmgrpc's, and
+# compileall the rest).
 COPY --from=wheel /wheels /tmp/wheels
 RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --no-index /tmp/wheels/llmgrpc-*.whl \
  && rm -rf /tmp/wheels \
