@@ -147,7 +147,7 @@ def test_step_pace_is_the_ratio_over_a_window_not_the_last_burst() -> None:
     within a window is the engine's step (here 5 ms), whatever the last burst."""
     pace = StepPace(window_s=0.5)
     now = 0.0
-    pace.observe(0.005, 1, now=now)  # a first window closes
+    pace.observe(0.005, 1, now=now)  # the first window begins
     step = (0.020 + 0.005) / 4  # each stream: 4 tokens per 25 ms cycle
     for _ in range(60):  # 25 ms cycles: 64 streams each wait 20 ms for a token...
         now += 0.020
