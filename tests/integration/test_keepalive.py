@@ -1,18 +1,6 @@
-"""Long unary calls survive aggressive client keepalive pings.
-
-A unary Generate sends nothing until it finishes, so every client ping during
-it arrives "without data". gRPC's default server policy answers the third
-such ping within 5 minutes with GOAWAY ENHANCE_YOUR_CALM "too_many_pings",
-which kills the call. The server's `grpc_options` accept them:
-`grpc.http2.max_ping_strikes` 0 (never count strikes),
-`grpc.http2.min_ping_interval_without_data_ms` 10 s and
-`grpc.keepalive_permit_without_calls` 1.
-
-1. a slow fake engine holds a unary call for 20 s under a ping a second:
-   it succeeds with the server's options, and (negative control) the same
-   call on the same server without them dies with too_many_pings;
-2. the real server (shared `llama`) serves long unary generations to a
-   pinging client (the module's only `engine` test).
+"""The real server (shared `llama`) serves long unary generations to a
+pinging client: its keepalive policy (tests/unit/test_keepalive.py, where a
+fake engine's 20 s call and the negative control are) holds with a real engine.
 """
 
 from __future__ import annotations
@@ -20,96 +8,15 @@ from __future__ import annotations
 import statistics
 import threading
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import grpc
 import pytest
-from llmgrpc import AsyncClient, Client, Security
-from llmgrpc.client import channel_options
-from llmgrpc_server import server
-from llmgrpc_server.config import ServerConfig
+from llmgrpc import Client
 
-from tests.fake_server import FakeServer, start_fake
-from tests.fakes import FakeEngine
 from tests.server_process import ServerProcess
-from tests.waiting import eventually
+from tests.unit.test_keepalive import OWN_CONNECTION, PINGING
 
-# A client that pings every second, with or without calls, without limit.
-PINGING = [
-    ("grpc.keepalive_time_ms", 1000),
-    ("grpc.keepalive_timeout_ms", 5000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-]
-# Separate connections per client: a ping-killed connection must not be shared.
-OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
-STEP = 0.25  # seconds per fake token
-LONG_TOKENS = 80  # 20 s at STEP
 MIN_SECONDS = 7.0  # the real-engine calls must last this long under pings
-
-
-def test_server_options_are_spelled_as_grpc_spells_them() -> None:
-    options = dict(server.grpc_options(ServerConfig()))
-    assert options["grpc.http2.max_ping_strikes"] == 0
-    assert options["grpc.http2.min_ping_interval_without_data_ms"] == 10_000
-    assert options["grpc.keepalive_permit_without_calls"] == 1
-
-
-def test_client_options_override_the_defaults() -> None:
-    """gRPC core takes the first of two equal keys: a caller's keepalive must
-    replace the client's 30 s default, not follow it."""
-    options = channel_options(Security(), PINGING)
-    assert dict(options)["grpc.keepalive_time_ms"] == 1000
-    assert len(options) == len(dict(options))
-
-
-@asynccontextmanager
-async def _slow_fake(keepalive_policy: bool) -> AsyncIterator[FakeServer]:
-    config = ServerConfig(host="127.0.0.1", port=0, metrics_port=-1)
-    real = server.grpc_options
-    if not keepalive_policy:
-        # The same server with gRPC's default ping policy (the negative control).
-        keys = ("grpc.max_receive_message_length", "grpc.max_send_message_length")
-        server.grpc_options = lambda c: [o for o in real(c) if o[0] in keys]  # type: ignore[assignment]
-    try:
-        engine = FakeEngine(step_delay=STEP, max_model_len=LONG_TOKENS + 16)
-        srv = await start_fake(config, engine=engine)
-    finally:
-        server.grpc_options = real  # type: ignore[assignment]
-    try:
-        yield srv
-    finally:
-        await srv.running.server.stop(grace=0)
-
-
-async def _long_call(srv: FakeServer) -> tuple[float, int]:
-    async with AsyncClient(srv.target, options=PINGING + OWN_CONNECTION) as c:
-        started = time.monotonic()
-        out = await c.generate("keep me alive", max_tokens=LONG_TOKENS, timeout=120)
-        return time.monotonic() - started, out.usage.completion_tokens
-
-
-async def test_a_20s_unary_call_survives_a_ping_a_second() -> None:
-    async with _slow_fake(keepalive_policy=True) as srv:
-        elapsed, tokens = await _long_call(srv)
-    assert tokens == LONG_TOKENS
-    assert elapsed >= LONG_TOKENS * STEP * 0.9
-
-
-async def test_negative_control_default_ping_policy_kills_the_call() -> None:
-    async with _slow_fake(keepalive_policy=False) as srv:
-        started = time.monotonic()
-        with pytest.raises(grpc.aio.AioRpcError) as e:
-            await _long_call(srv)
-        elapsed = time.monotonic() - started
-        # The engine request is aborted with the call.
-        assert await eventually(lambda: not srv.engine.running, 5)
-    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
-    # "Too many pings", or the GOAWAY's debug data "too_many_pings".
-    text = f"{e.value.details()} {e.value.debug_error_string()}".lower().replace("_", " ")
-    assert "too many pings" in text
-    assert elapsed < LONG_TOKENS * STEP / 2, "the call died of something slower than ping abuse"
 
 
 def _parallel_generations(target: str, n: int) -> list[float]:
@@ -142,9 +49,9 @@ def _parallel_generations(target: str, n: int) -> list[float]:
 def test_real_server_long_unary_generations_under_pings(llama: ServerProcess) -> None:
     """Batches of concurrent long generations, doubled until most calls of a
     batch stay open for MIN_SECONDS: at a ping a second that is well past the
-    default policy's third strike (the control above dies at ~5 s). Each call
-    has its own pinging connection, so each long one is a proof on its own;
-    all must succeed. (Not every call: the first started finish first, 2.9 s
+    default policy's third strike (the control in tests/unit/test_keepalive.py
+    dies at ~5 s). Each call has its own pinging connection, so each long one
+    is a proof on its own; all must succeed. (Not every call: the first started finish first, 2.9 s
     of 32 calls on an idle machine, when the rest took 7.1 s.)"""
     durations: list[float] = []
     for n in (16, 32, 64):
