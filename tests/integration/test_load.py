@@ -3,7 +3,7 @@
 On the shared `llama` server, which has room for the load (`--max-in-flight
 512`, 300 calls per connection). The load test sends 2,048 streams, 256 at a
 time, and accounts for every one; the soak runs mixed traffic for
-`LLMGRPC_SOAK_SECONDS` (tests/settings.py: 60 in `make test`, 1,800 in
+`LLMGRPC_SOAK_SECONDS` (tests/settings.py: 30 in `make test`, 1,800 in
 `make test-long`) while sampling the resident memory and open file
 descriptors of the server and of the engine's processes.
 """
