@@ -166,6 +166,15 @@ class VllmEngine:
     async def shutdown(self) -> None:
         if self._nodes is not None:
             self._nodes.stop()
+        # AsyncLLM.shutdown stops the engine core, then cancels its output
+        # handler. Run in a thread, as here, it leaves the event loop (and so
+        # the handler) running meanwhile: the handler saw the engine core go
+        # and logged "AsyncLLM output_handler failed" with an EngineDeadError
+        # trace at every clean stop. The server has drained by now, so the
+        # handler has nothing left to deliver: cancel it first.
+        handler = getattr(self._llm, "output_handler", None)
+        if handler is not None:
+            handler.cancel()
         await asyncio.to_thread(self._llm.shutdown)
 
     async def generate(self, request: domain.GenerationRequest) -> AsyncIterator[domain.Delta]:
