@@ -114,7 +114,7 @@ RUN apt-get update \
 # its three processes (10-12 s an import here instead of 4-5). Skipped: one
 # torch test module written in Python 3.12 syntax, never imported here.
 # The engine's stack is installed with uv (pinned, put in /tmp by the venv's
-# pip and gone with this step): 11 s here where pip's installs took 57 s
+# pip and gone with this step): 11 s here where pip's installs took 57 s,
 # to the same packages (`pip list` compared). uv is told what pip is given:
 # the PIP_* arguments, and pip's choice of the best version across every
 # index (uv's default takes a package from the first index that has it).
