@@ -162,6 +162,10 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def stop_log(self) -> str:
+        """The log from the drain on (all of it if the server never drained)."""
+        return self.log().split("draining:", 1)[-1]
+
     def start(self) -> ServerProcess:
         env = {**os.environ, **self.extra_env}
         self.proc = subprocess.Popen(

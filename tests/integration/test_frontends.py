@@ -118,7 +118,7 @@ def test_sigterm_drains_every_front_end_then_exits_0(pair: ServerProcess) -> Non
     assert pair.wait_exit(120) == 0
     log = pair.log()
     assert log.count("draining: in-flight calls have") == 2, log[-3000:]
-    stop = log.split("draining:", 1)[-1]  # a clean stop logs no error
+    stop = pair.stop_log()  # a clean stop logs no error
     assert "Traceback" not in stop and " ERROR " not in stop, stop[-4000:]
 
 

@@ -13,8 +13,8 @@ import grpc
 import pytest
 from llmgrpc import Client
 
+from tests.pinging import OWN_CONNECTION, PINGING
 from tests.server_process import ServerProcess
-from tests.unit.test_keepalive import OWN_CONNECTION, PINGING
 
 MIN_SECONDS = 7.0  # the real-engine calls must last this long under pings
 
@@ -51,8 +51,9 @@ def test_real_server_long_unary_generations_under_pings(llama: ServerProcess) ->
     batch stay open for MIN_SECONDS: at a ping a second that is well past the
     default policy's third strike (the control in tests/unit/test_keepalive.py
     dies at ~5 s). Each call has its own pinging connection, so each long one
-    is a proof on its own; all must succeed. (Not every call: the first started finish first, 2.9 s
-    of 32 calls on an idle machine, when the rest took 7.1 s.)"""
+    is a proof on its own; all must succeed. (Not every call: the first
+    started finish first, 2.9 s of 32 calls on an idle machine, when the rest
+    took 7.1 s.)"""
     durations: list[float] = []
     for n in (16, 32, 64):
         durations = sorted(_parallel_generations(llama.target, n))

@@ -206,7 +206,7 @@ def test_sigterm_drains_in_flight_streams_then_exits_zero(llama: ServerProcess) 
     assert llama.wait_exit(timeout=LLAMA_DRAIN_TIMEOUT + 60) == 0
     # A clean stop logs no error: vLLM's output handler used to log
     # EngineDeadError with its trace as the engine core stopped.
-    stop = llama.log().split("draining:", 1)[-1]
+    stop = llama.stop_log()
     assert "Traceback" not in stop and " ERROR " not in stop, stop[-4000:]
     print(
         f"\ndrain of {n} streams x {max_tokens} tokens: exit 0 "

@@ -31,17 +31,9 @@ from llmgrpc_server.config import ServerConfig
 
 from tests.fake_server import FakeServer, start_fake
 from tests.fakes import FakeEngine
+from tests.pinging import OWN_CONNECTION, PINGING
 from tests.waiting import eventually
 
-# A client that pings every second, with or without calls, without limit.
-PINGING = [
-    ("grpc.keepalive_time_ms", 1000),
-    ("grpc.keepalive_timeout_ms", 5000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-]
-# Separate connections per client: a ping-killed connection must not be shared.
-OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 STEP = 0.25  # seconds per fake token
 LONG_TOKENS = 80  # 20 s at STEP
 
