@@ -75,8 +75,9 @@ class Stream:
 
 
 class Connection(asyncio.Protocol):
-    def __init__(self, servicer: Any) -> None:
+    def __init__(self, servicer: Any, *, batched: bool = True) -> None:
         self.servicer = servicer
+        self.batched = batched
         self.buf = bytearray()
         self.out = bytearray()
         self.flush_scheduled = False
@@ -97,6 +98,9 @@ class Connection(asyncio.Protocol):
 
     # --- output: one write per loop turn ---------------------------------------
     def emit(self, data: bytes) -> None:
+        if not self.batched:  # --write-per-message: one write per frame, as grpcio
+            self.transport.write(data)
+            return
         self.out += data
         if not self.flush_scheduled:
             self.flush_scheduled = True
@@ -267,7 +271,7 @@ class Connection(asyncio.Protocol):
             self.drain(sid, s)
 
 
-async def main(port: int, server_argv: list[str]) -> None:
+async def main(port: int, batched: bool, server_argv: list[str]) -> None:
     from llmgrpc_server import main as server_main
     from llmgrpc_server.admission import Admission
     from llmgrpc_server.metrics import ServiceMetrics
@@ -293,7 +297,9 @@ async def main(port: int, server_argv: list[str]) -> None:
                            config.service_version)  # fmt: skip
     servicer.attach(engine)
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: Connection(servicer), "127.0.0.1", port)
+    server = await loop.create_server(
+        lambda: Connection(servicer, batched=batched), "127.0.0.1", port
+    )
     log.info("probe serving on port %d", port)
     print(f"probe ready on {port}", flush=True)
     stop = asyncio.Event()
@@ -310,8 +316,10 @@ async def main(port: int, server_argv: list[str]) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=50061)
+    parser.add_argument("--write-per-message", action="store_true",
+                        help="write each frame at once instead of once per loop turn")  # fmt: skip
     args, server_argv = parser.parse_known_args()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    uvloop.run(main(args.port, server_argv))
+    uvloop.run(main(args.port, not args.write_per_message, server_argv))

@@ -49,12 +49,12 @@ class FakeServicer:
         return pb.TokenizeResponse(token_ids=[len(request.text)])
 
 
-@pytest.fixture
-async def stub() -> AsyncIterator[pb_grpc.LLMServiceStub]:
+@pytest.fixture(params=[True, False], ids=["batched", "write-per-message"])
+async def stub(request: pytest.FixtureRequest) -> AsyncIterator[pb_grpc.LLMServiceStub]:
     probe = _probe()
     servicer = FakeServicer()
     server = await asyncio.get_running_loop().create_server(
-        lambda: probe.Connection(servicer), "127.0.0.1", 0
+        lambda: probe.Connection(servicer, batched=request.param), "127.0.0.1", 0
     )
     port = server.sockets[0].getsockname()[1]
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
