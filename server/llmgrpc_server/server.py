@@ -73,6 +73,25 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     ]
 
 
+def _server(
+    config: ServerConfig, interceptors: list[grpc.aio.ServerInterceptor]
+) -> grpc.aio.Server:
+    """grpcio's server, or llmgrpc's own transport (--transport batched) with
+    the same limits and keepalive policy."""
+    if config.transport != "batched":
+        return grpc.aio.server(interceptors=interceptors, options=grpc_options(config))
+    from llmgrpc_server.transport.server import Server
+
+    options = dict(grpc_options(config))
+    return Server(
+        interceptors,
+        max_message_bytes=options["grpc.max_receive_message_length"],
+        max_concurrent_streams=options["grpc.max_concurrent_streams"],
+        keepalive_time=options["grpc.keepalive_time_ms"] / 1000,
+        keepalive_timeout=options["grpc.keepalive_timeout_ms"] / 1000,
+    )
+
+
 @dataclass
 class RunningServer:
     """A started server; `port` is the one actually bound (useful with port 0)."""
@@ -104,7 +123,7 @@ async def start(
             tracing,
         )
     )
-    server = grpc.aio.server(interceptors=interceptors, options=grpc_options(config))
+    server = _server(config, interceptors)
     health_servicer = health.aio.HealthServicer()
     servicer = LLMServicer(
         Admission(config.max_in_flight),
@@ -128,7 +147,8 @@ async def start(
         server,
     )
     address = f"{config.host}:{config.port}"
-    credentials = config.server_credentials()
+    credentials = (config.ssl_context() if config.transport == "batched"
+                   else config.server_credentials())  # fmt: skip
     if credentials is None:
         port = server.add_insecure_port(address)
     else:
@@ -267,6 +287,3 @@ def _stop_on_signals() -> asyncio.Event:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     return stop
-
-
-

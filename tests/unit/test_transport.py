@@ -1,0 +1,182 @@
+"""llmgrpc's own transport (server/llmgrpc_server/transport) against stock
+grpcio clients: what grpcio's server does, it must do as well. No engine: the
+servicers here stand in for llmgrpc's (tests/unit/test_serve.py runs the
+whole server on it)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import code_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
+from llmgrpc.v1 import llm_service_pb2 as pb
+from llmgrpc.v1 import llm_service_pb2_grpc as pb_grpc
+from llmgrpc_server.transport.server import Server
+
+MESSAGES, TEXT = 200, "x" * 1000  # past grpc's 64 KiB windows: flow control is exercised
+MAX_MESSAGE = 4096
+
+
+class Servicer(pb_grpc.LLMServiceServicer):
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.cancelled = asyncio.Event()
+        self.metadata: dict[str, Any] = {}
+
+    async def GenerateStream(self, request: pb.GenerateRequest, context: Any
+                             ) -> AsyncIterator[pb.GenerateResponse]:  # fmt: skip
+        self.metadata = dict(context.invocation_metadata())
+        if request.prompt == "forever":
+            self.started.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
+        if request.prompt == "rich error":
+            status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message="too busy")
+            await context.abort_with_status(rpc_status.to_status(status))
+        await context.send_initial_metadata((("x-request-id", "r-1"),))
+        for i in range(MESSAGES if request.prompt != "short" else 3):
+            yield pb.GenerateResponse(text=f"{request.prompt}:{i}:{TEXT}", token_ids=[i])
+            if i % 10 == 0:
+                await asyncio.sleep(0)
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context: Any) -> pb.TokenizeResponse:
+        if request.text == "boom":
+            raise RuntimeError("a bug")
+        return pb.TokenizeResponse(token_ids=[len(request.text)])
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[Server, Servicer, grpc.aio.Channel]]:
+    server = Server(max_message_bytes=MAX_MESSAGE)
+    servicer = Servicer()
+    pb_grpc.add_LLMServiceServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (pb.DESCRIPTOR.services_by_name["LLMService"].full_name, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield server, servicer, channel
+    await server.stop(None)
+
+
+async def _stream(stub: pb_grpc.LLMServiceStub, prompt: str, **kw: Any) -> list[pb.GenerateResponse]:
+    return [m async for m in stub.GenerateStream(pb.GenerateRequest(prompt=prompt), **kw)]
+
+
+async def test_concurrent_streams_arrive_whole_and_in_order(served: Any) -> None:
+    _, _, channel = served
+    stub = pb_grpc.LLMServiceStub(channel)
+    prompts = [f"p{i}" for i in range(32)]
+    results = await asyncio.gather(*(_stream(stub, p, timeout=60) for p in prompts))
+    for prompt, messages in zip(prompts, results, strict=True):
+        assert [m.token_ids[0] for m in messages] == list(range(MESSAGES))
+        assert all(m.text.startswith(f"{prompt}:") for m in messages)
+
+
+async def test_metadata_both_ways(served: Any) -> None:
+    _, servicer, channel = served
+    call = pb_grpc.LLMServiceStub(channel).GenerateStream(
+        pb.GenerateRequest(prompt="short"),
+        metadata=(("authorization", "Bearer t"), ("trace-bin", b"\x00\x01\xff")),
+    )
+    assert len([m async for m in call]) == 3
+    assert ("x-request-id", "r-1") in tuple(await call.initial_metadata())
+    assert servicer.metadata["authorization"] == "Bearer t"
+    assert servicer.metadata["trace-bin"] == b"\x00\x01\xff"
+
+
+async def test_unary_and_an_unexpected_error(served: Any) -> None:
+    _, _, channel = served
+    stub = pb_grpc.LLMServiceStub(channel)
+    assert list((await stub.Tokenize(pb.TokenizeRequest(text="hello"))).token_ids) == [5]
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stub.Tokenize(pb.TokenizeRequest(text="boom"))
+    assert e.value.code() == grpc.StatusCode.UNKNOWN
+    assert "a bug" in (e.value.details() or "")
+
+
+async def test_rich_status_reaches_the_client(served: Any) -> None:
+    _, _, channel = served
+    call = pb_grpc.LLMServiceStub(channel).GenerateStream(pb.GenerateRequest(prompt="rich error"))
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        [m async for m in call]
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert e.value.details() == "too busy"
+    status = rpc_status.from_call(e.value)  # type: ignore[arg-type]
+    assert status is not None and status.message == "too busy"
+
+
+async def test_client_cancel_cancels_the_handler(served: Any) -> None:
+    _, servicer, channel = served
+    call = pb_grpc.LLMServiceStub(channel).GenerateStream(pb.GenerateRequest(prompt="forever"))
+    reading = asyncio.ensure_future(call.read())
+    await servicer.started.wait()
+    call.cancel()
+    await asyncio.wait_for(servicer.cancelled.wait(), 30)
+    with pytest.raises(asyncio.CancelledError):
+        await reading
+
+
+async def test_deadline_cancels_the_handler(served: Any) -> None:
+    _, servicer, channel = served
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await _stream(pb_grpc.LLMServiceStub(channel), "forever", timeout=0.5)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    await asyncio.wait_for(servicer.cancelled.wait(), 30)
+
+
+async def test_oversized_request_and_unknown_method(served: Any) -> None:
+    _, _, channel = served
+    stub = pb_grpc.LLMServiceStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stub.Tokenize(pb.TokenizeRequest(text="x" * (2 * MAX_MESSAGE)))
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stub.GetModelInfo(pb.GetModelInfoRequest())
+    assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    # The connection is still good.
+    assert list((await stub.Tokenize(pb.TokenizeRequest(text="ok"))).token_ids) == [2]
+
+
+async def test_health_check_watch_and_reflection(served: Any) -> None:
+    _, _, channel = served
+    stub = health_pb2_grpc.HealthStub(channel)
+    ok = health_pb2.HealthCheckResponse.SERVING
+    assert (await stub.Check(health_pb2.HealthCheckRequest())).status == ok
+    watch = stub.Watch(health_pb2.HealthCheckRequest())
+    assert (await watch.read()).status == ok  # written with context.write()
+    watch.cancel()
+    info = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+    )
+    names = {s.name async for r in info for s in r.list_services_response.service}
+    assert "llmgrpc.v1.LLMService" in names
+
+
+async def test_stop_lets_calls_in_flight_finish(served: Any) -> None:
+    server, _, channel = served
+    stub = pb_grpc.LLMServiceStub(channel)
+    call = stub.GenerateStream(pb.GenerateRequest(prompt="p"))
+    received = [await call.read()]
+    stopping = asyncio.ensure_future(server.stop(30))
+    while (message := await call.read()) is not grpc.aio.EOF:
+        received.append(message)
+    assert [m.token_ids[0] for m in received] == list(range(MESSAGES))
+    assert await call.code() == grpc.StatusCode.OK
+    await stopping
+    with pytest.raises(grpc.aio.AioRpcError) as e:  # no new calls
+        await stub.Tokenize(pb.TokenizeRequest(text="late"), timeout=10)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
