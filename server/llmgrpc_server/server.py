@@ -82,13 +82,14 @@ def _server(
         return grpc.aio.server(interceptors=interceptors, options=grpc_options(config))
     from llmgrpc_server.transport.server import Server
 
+    # Pings from clients are always welcome (grpc_options: no strikes).
     options = dict(grpc_options(config))
     return Server(
         interceptors,
-        max_message_bytes=options["grpc.max_receive_message_length"],
-        max_concurrent_streams=options["grpc.max_concurrent_streams"],
-        keepalive_time=options["grpc.keepalive_time_ms"] / 1000,
-        keepalive_timeout=options["grpc.keepalive_timeout_ms"] / 1000,
+        max_message_bytes=config.max_message_bytes,
+        max_concurrent_streams=transport_streams(config.max_concurrent_streams),
+        keepalive_time=options.get("grpc.keepalive_time_ms", 60_000) / 1000,
+        keepalive_timeout=options.get("grpc.keepalive_timeout_ms", 20_000) / 1000,
     )
 
 

@@ -74,6 +74,11 @@ class Call:
             self.conn.send_headers(self.stream_id, headers)
 
     async def send_message(self, serialized: bytes) -> None:
+        if len(serialized) > self.reader.max_bytes:
+            raise wire.WireError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"Sent message larger than max ({len(serialized)} vs. {self.reader.max_bytes})",
+            )
         self.send_headers()
         data = memoryview(wire.frame_message(serialized))
         while data:

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from llmgrpc_server.transport.server import Server
 
 log = logging.getLogger(__name__)
+# hpack logs every header it decodes at DEBUG, bearer tokens included.
+logging.getLogger("hpack").setLevel(logging.INFO)
 
 
 def peer_name(address: Any) -> str:
@@ -46,7 +48,11 @@ class Connection(asyncio.Protocol):
     def __init__(self, server: Server) -> None:
         self.server = server
         self.h2 = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+            # No strict RFC 9113 checks of header values (a trailing space in a
+            # token, say): grpc's server takes them and lets the handler answer.
+            h2.config.H2Configuration(
+                client_side=False, header_encoding="utf-8", validate_inbound_headers=False
+            )
         )
         self.calls: dict[int, Call] = {}
         self.transport: asyncio.Transport | None = None
