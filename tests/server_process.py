@@ -110,7 +110,11 @@ SHARED: dict[str, list[str]] = {
     # that requests naming both rotate them (tests/integration/test_lora.py).
     # Exporting its spans and vLLM's to the session's OTLP trace receiver
     # (tests/integration/test_tracing.py).
+    # On llmgrpc's own transport (--transport batched): text, adapters, the
+    # admin service, tracing and the Prometheus test go through it on a real
+    # engine; the other servers keep grpcio, the default.
     "smollm": ["--model", "smollm2-135m-instruct", "--dtype", "float32", "--enforce-eager",
+               "--transport", "batched",
                "--lora-modules", *(f"smollm2-135m-instruct-lora-{x}=smollm2-135m-instruct-lora-{x}"
                                    for x in "ab"),
                "--max-loras", "1", "--max-cpu-loras", "4",

@@ -72,7 +72,9 @@ async def served() -> AsyncIterator[tuple[Server, Servicer, grpc.aio.Channel]]:
     await server.stop(None)
 
 
-async def _stream(stub: pb_grpc.LLMServiceStub, prompt: str, **kw: Any) -> list[pb.GenerateResponse]:
+async def _stream(
+    stub: pb_grpc.LLMServiceStub, prompt: str, **kw: Any
+) -> list[pb.GenerateResponse]:
     return [m async for m in stub.GenerateStream(pb.GenerateRequest(prompt=prompt), **kw)]
 
 
