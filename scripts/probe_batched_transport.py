@@ -277,21 +277,9 @@ async def main(port: int, batched: bool, server_argv: list[str]) -> None:
     from llmgrpc_server.metrics import ServiceMetrics
     from llmgrpc_server.server import _frozen_startup_heap
     from llmgrpc_server.servicer import LLMServicer
-    from llmgrpc_server.vllm_adapter.engine import VllmEngine
 
     config, engine_args = server_main.parse(server_argv)
-    engine = await VllmEngine.start(
-        engine_args,
-        max_prompt_tokens=config.max_prompt_tokens,
-        max_tokens=config.max_tokens_limit,
-        max_tokens_per_message=config.max_tokens_per_message,
-        coalesce_budget_s=config.coalesce_budget_ms / 1000,
-        pin_front_end=config.pin_front_end,
-        slot=None,
-        size_caps=config.size_caps(),
-        lora_modules=config.lora_modules,
-        known_adapters=server_main.builtin_adapter_names(),
-    )
+    engine = await server_main.start_engine(config, engine_args)
     servicer = LLMServicer(Admission(config.max_in_flight),
                            ServiceMetrics(server_main.served_name(engine_args)),
                            config.service_version)  # fmt: skip

@@ -129,7 +129,6 @@ async def run(
     front ends (vllm_adapter/frontends.py), whose manager serves /metrics."""
     from llmgrpc_server import server
     from llmgrpc_server.metrics import GrpcMetrics
-    from llmgrpc_server.vllm_adapter.engine import VllmEngine
 
     if config.metrics_port >= 0:
         from prometheus_client import disable_created_metrics
@@ -144,18 +143,7 @@ async def run(
     code = await server.serve(
         config,
         served_name(engine_args),
-        lambda: VllmEngine.start(
-            engine_args,
-            max_prompt_tokens=config.max_prompt_tokens,
-            max_tokens=config.max_tokens_limit,
-            max_tokens_per_message=config.max_tokens_per_message,
-            coalesce_budget_s=config.coalesce_budget_ms / 1000,
-            pin_front_end=config.pin_front_end,
-            slot=slot,
-            size_caps=config.size_caps(),
-            lora_modules=config.lora_modules,
-            known_adapters=builtin_adapter_names(),
-        ),
+        lambda: start_engine(config, engine_args, slot),
         GrpcMetrics(),
         tracing=tracing,
     )
@@ -164,6 +152,26 @@ async def run(
     if code == server.EXIT_STOPPED_LOADING:
         _abandon_load(code)
     return code
+
+
+async def start_engine(
+    config: server_config.ServerConfig, engine_args: Any, slot: Slot | None = None
+) -> Any:
+    """The engine adapter as the server configures it (scripts/ use it too)."""
+    from llmgrpc_server.vllm_adapter.engine import VllmEngine
+
+    return await VllmEngine.start(
+        engine_args,
+        max_prompt_tokens=config.max_prompt_tokens,
+        max_tokens=config.max_tokens_limit,
+        max_tokens_per_message=config.max_tokens_per_message,
+        coalesce_budget_s=config.coalesce_budget_ms / 1000,
+        pin_front_end=config.pin_front_end,
+        slot=slot,
+        size_caps=config.size_caps(),
+        lora_modules=config.lora_modules,
+        known_adapters=builtin_adapter_names(),
+    )
 
 
 def _tracing(config: server_config.ServerConfig, engine_args: Any) -> Tracing | None:
