@@ -7,13 +7,13 @@ the adapters swap them in the slot).
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import json
 import shutil
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 import urllib.parse
 import urllib.request
@@ -109,11 +109,10 @@ def test_every_dashboard_and_alert_query_returns_data(
     smollm: ServerProcess, prometheus: str
 ) -> None:
     # Several parallel clients for ~25 s: rate() windows need samples on both sides.
-    workers = [threading.Thread(target=_drive_load, args=(smollm.target, 25)) for _ in range(3)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
+    # A client's unexpected error fails the test (a thread would only print it).
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        for load in [pool.submit(_drive_load, smollm.target, 25) for _ in range(3)]:
+            load.result()
     queries = [("panel " + t, e) for t, e in promql.dashboard_queries(rate_interval=RATE_WINDOW)]
     queries += [("alert " + n, e) for n, e in promql.alert_signals()]
     assert len(queries) > 40

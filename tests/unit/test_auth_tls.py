@@ -25,7 +25,7 @@ from llmgrpc.client import tokenize_request
 from llmgrpc.v1 import admin_service_pb2 as admin_pb
 from llmgrpc.v1 import admin_service_pb2_grpc as admin_grpc
 from llmgrpc_server import auth
-from llmgrpc_server.config import ServerConfig, read_tokens
+from llmgrpc_server.config import TRANSPORTS, ServerConfig, read_tokens
 
 from tests.certs import Pki, make_pki
 from tests.fake_server import FakeServer, start_fake
@@ -59,22 +59,30 @@ async def _serving(config: ServerConfig) -> AsyncIterator[FakeServer]:
         await srv.running.server.stop(grace=0)
 
 
-@pytest.fixture
-async def tls(pki: Pki) -> AsyncIterator[FakeServer]:
-    async for srv in _serving(_config(tls_cert=pki.server.cert, tls_key=pki.server.key)):
-        yield srv
+@pytest.fixture(params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest) -> str:
+    """Each server below runs once on each transport (--transport)."""
+    return str(request.param)
 
 
 @pytest.fixture
-async def mtls(pki: Pki) -> AsyncIterator[FakeServer]:
-    config = _config(tls_cert=pki.server.cert, tls_key=pki.server.key, tls_client_ca=pki.ca.cert)
+async def tls(pki: Pki, transport: str) -> AsyncIterator[FakeServer]:
+    config = _config(tls_cert=pki.server.cert, tls_key=pki.server.key, transport=transport)
     async for srv in _serving(config):
         yield srv
 
 
 @pytest.fixture
-async def with_tokens() -> AsyncIterator[FakeServer]:
-    async for srv in _serving(_config(auth_tokens=TOKENS)):
+async def mtls(pki: Pki, transport: str) -> AsyncIterator[FakeServer]:
+    config = _config(tls_cert=pki.server.cert, tls_key=pki.server.key, tls_client_ca=pki.ca.cert,
+                     transport=transport)  # fmt: skip
+    async for srv in _serving(config):
+        yield srv
+
+
+@pytest.fixture
+async def with_tokens(transport: str) -> AsyncIterator[FakeServer]:
+    async for srv in _serving(_config(auth_tokens=TOKENS, transport=transport)):
         yield srv
 
 

@@ -28,6 +28,7 @@ class Servicer(pb_grpc.LLMServiceServicer):
         self.started = asyncio.Event()
         self.cancelled = asyncio.Event()
         self.metadata: dict[str, Any] = {}
+        self.release = asyncio.Event()  # lets a "gated" stream go on past its first message
 
     async def GenerateStream(self, request: pb.GenerateRequest, context: Any
                              ) -> AsyncIterator[pb.GenerateResponse]:  # fmt: skip
@@ -45,12 +46,20 @@ class Servicer(pb_grpc.LLMServiceServicer):
         await context.send_initial_metadata((("x-request-id", "r-1"),))
         for i in range(MESSAGES if request.prompt != "short" else 3):
             yield pb.GenerateResponse(text=f"{request.prompt}:{i}:{TEXT}", token_ids=[i])
+            if request.prompt == "gated" and i == 0:
+                await self.release.wait()
             if i % 10 == 0:
                 await asyncio.sleep(0)
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: Any) -> pb.TokenizeResponse:
         if request.text == "boom":
             raise RuntimeError("a bug")
+        if request.text == "stubborn":  # answers even after the client went away
+            self.started.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.cancelled.set()
         return pb.TokenizeResponse(token_ids=[len(request.text)])
 
 
@@ -182,3 +191,25 @@ async def test_stop_lets_calls_in_flight_finish(served: Any) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as e:  # no new calls
         await stub.Tokenize(pb.TokenizeRequest(text="late"), timeout=10)
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_an_answer_to_a_reset_stream_leaves_the_connection_alone(served: Any) -> None:
+    """A handler that answers after its client reset the call (here one that
+    ignores its cancellation) must not disturb the connection's other calls:
+    h2 takes a send on a stream it has dropped for a new server stream, and
+    that error once cancelled every call of the connection."""
+    _, servicer, channel = served
+    stub = pb_grpc.LLMServiceStub(channel)
+    stream = stub.GenerateStream(pb.GenerateRequest(prompt="gated"))
+    received = [await stream.read()]  # in flight until released
+    stubborn = stub.Tokenize(pb.TokenizeRequest(text="stubborn"))
+    await servicer.started.wait()
+    stubborn.cancel()
+    # The handler's answer is sent (or not) in the step that set `cancelled`.
+    await asyncio.wait_for(servicer.cancelled.wait(), 30)
+    servicer.release.set()
+    while (message := await stream.read()) is not grpc.aio.EOF:
+        received.append(message)
+    assert [m.token_ids[0] for m in received] == list(range(MESSAGES))
+    assert await stream.code() == grpc.StatusCode.OK
+    assert list((await stub.Tokenize(pb.TokenizeRequest(text="after"))).token_ids) == [5]

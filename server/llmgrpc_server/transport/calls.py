@@ -71,13 +71,15 @@ class Call:
         if not self.headers_sent:
             self.headers_sent = True
             headers = wire.RESPONSE_HEADERS + wire.metadata_headers(metadata)
-            self.conn.send_headers(self.stream_id, headers)
+            if not self.conn.send_headers(self.stream_id, headers):
+                raise asyncio.CancelledError  # the client reset the stream
 
     async def send_message(self, serialized: bytes) -> None:
         if len(serialized) > self.reader.max_bytes:
             raise wire.WireError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"Sent message larger than max ({len(serialized)} vs. {self.reader.max_bytes})",
+                f"SERVER: Sent message larger than max ({len(serialized)} vs. "
+                f"{self.reader.max_bytes})",
             )
         self.send_headers()
         data = memoryview(wire.frame_message(serialized))
@@ -87,7 +89,10 @@ class Call:
                 self.window_open.clear()
                 await self.window_open.wait()
                 continue
-            self.conn.send_data(self.stream_id, data[:room])
+            # A stream the client reset ends as a cancelled call, as with grpc:
+            # the handler is closed, the engine request aborted.
+            if room < 0 or not self.conn.send_data(self.stream_id, data[:room]):
+                raise asyncio.CancelledError
             data = data[room:]
 
     def send_status(self, code: grpc.StatusCode, details: str | None,
@@ -159,8 +164,11 @@ class Call:
                     or handler.stream_stream)  # fmt: skip
         result = behavior(request, context)
         if inspect.isasyncgen(result):
-            async for response in result:
-                await self.send_message(serialize(response))
+            try:
+                async for response in result:
+                    await self.send_message(serialize(response))
+            finally:  # at once, not when collected: the engine request ends with it
+                await result.aclose()
             return
         response = await result
         if not handler.response_streaming and response is not None:

@@ -112,7 +112,10 @@ class Connection(asyncio.Protocol):
         while True:
             await asyncio.sleep(self.server.keepalive_time)
             self._ping_acked.clear()
-            self.h2.ping(time.monotonic_ns().to_bytes(8, "big"))
+            try:
+                self.h2.ping(time.monotonic_ns().to_bytes(8, "big"))
+            except h2.exceptions.ProtocolError:  # the client ended the connection
+                return
             self.flush()
             try:
                 await asyncio.wait_for(self._ping_acked.wait(), self.server.keepalive_timeout)
@@ -139,28 +142,46 @@ class Connection(asyncio.Protocol):
         for call in list(self.calls.values()):
             call.cancel()
 
-    def send_headers(self, stream_id: int, headers: list[tuple[str, str]]) -> None:
-        try:
-            self.h2.send_headers(stream_id, headers)
-        except h2.exceptions.ProtocolError as e:
-            self._lost(e)
-            return
-        self._schedule_flush()
+    def send_headers(self, stream_id: int, headers: list[tuple[str, str]]) -> bool:
+        """Queue a response's headers; False: the stream is gone (reset by the client)."""
+        return self._send(self.h2.send_headers, stream_id, headers)
 
     def sendable(self, stream_id: int, size: int) -> int:
-        """How many of `size` bytes the stream may send now (flow control, frame size)."""
-        window = self.h2.local_flow_control_window(stream_id)
+        """How many of `size` bytes the stream may send now (flow control, frame
+        size); -1: the stream is gone."""
+        try:
+            window = self.h2.local_flow_control_window(stream_id)
+        except h2.exceptions.ProtocolError:
+            return -1
         return min(size, window, self.h2.max_outbound_frame_size)
 
-    def send_data(self, stream_id: int, data: memoryview) -> None:
+    def send_data(self, stream_id: int, data: memoryview) -> bool:
+        """Queue DATA; False: the stream is gone."""
+        return self._send(self.h2.send_data, stream_id, data)
+
+    def _open(self, stream_id: int) -> bool:
+        """Whether h2 still has the stream open. Sending on one it has dropped
+        (the client reset it) would make h2 open a new server stream instead,
+        and fail the whole connection."""
+        stream = self.h2.streams.get(stream_id)
+        return stream is not None and not stream.closed
+
+    def _send(self, send: Any, stream_id: int, payload: Any) -> bool:
+        if not self._open(stream_id):
+            return False
         try:
-            self.h2.send_data(stream_id, data)
+            send(stream_id, payload)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.NoSuchStreamError):
+            return False  # this stream only: the client reset it meanwhile
         except h2.exceptions.ProtocolError as e:
             self._lost(e)
-            return
+            return False
         self._schedule_flush()
+        return True
 
     def send_trailers(self, stream_id: int, headers: list[tuple[str, str]]) -> None:
+        if not self._open(stream_id):
+            return  # the client reset it meanwhile
         try:
             self.h2.send_headers(stream_id, headers, end_stream=True)
         except h2.exceptions.StreamClosedError:
@@ -171,6 +192,8 @@ class Connection(asyncio.Protocol):
         self._schedule_flush()
 
     def reset(self, stream_id: int) -> None:
+        if not self._open(stream_id):
+            return
         try:
             self.h2.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
         except h2.exceptions.ProtocolError:  # closed already, or the connection

@@ -103,7 +103,7 @@ class Server(grpc.aio.Server):
             if self._stopping:
                 call.send_status(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
             else:
-                call.send_status(grpc.StatusCode.UNIMPLEMENTED, f"Method not found: {method}")
+                call.send_status(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")  # grpc's
             call.conn.call_ended(call)
             return
         await call.run(handler, metadata, deadline, peer)

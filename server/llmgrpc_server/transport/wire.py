@@ -56,7 +56,7 @@ class MessageReader:
             if length > self.max_bytes:
                 raise WireError(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"Received message larger than max ({length} vs. {self.max_bytes})",
+                    f"SERVER: Received message larger than max ({length} vs. {self.max_bytes})",
                 )
             end = PREFIX.size + length
             if len(self._buf) < end:
