@@ -36,7 +36,6 @@ class Call:
         self.headers_sent = False
         self.window_open = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
-        self.failed: wire.WireError | None = None
         self.ended = False  # the status is sent
         self.expired = False
 
@@ -48,7 +47,6 @@ class Call:
         except wire.WireError as e:
             # Answered now: the handler may not have started, and the client
             # may go on sending the rest of a message it should not have sent.
-            self.failed = e
             self.send_status(e.code, e.details)
             self.cancel()
             self.conn.call_ended(self)

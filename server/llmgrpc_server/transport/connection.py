@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -180,16 +181,8 @@ class Connection(asyncio.Protocol):
         return True
 
     def send_trailers(self, stream_id: int, headers: list[tuple[str, str]]) -> None:
-        if not self._open(stream_id):
-            return  # the client reset it meanwhile
-        try:
-            self.h2.send_headers(stream_id, headers, end_stream=True)
-        except h2.exceptions.StreamClosedError:
-            return  # the client reset it meanwhile
-        except h2.exceptions.ProtocolError as e:
-            self._lost(e)
-            return
-        self._schedule_flush()
+        """End the stream with `headers`; nothing if the client reset it meanwhile."""
+        self._send(partial(self.h2.send_headers, end_stream=True), stream_id, headers)
 
     def reset(self, stream_id: int) -> None:
         if not self._open(stream_id):
