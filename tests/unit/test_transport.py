@@ -10,6 +10,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
 import pytest
 from google.rpc import code_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -17,6 +21,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 from grpc_status import rpc_status
 from llmgrpc.v1 import llm_service_pb2 as pb
 from llmgrpc.v1 import llm_service_pb2_grpc as pb_grpc
+from llmgrpc_server.transport import wire
 from llmgrpc_server.transport.server import Server
 
 MESSAGES, TEXT = 200, "x" * 1000  # past grpc's 64 KiB windows: flow control is exercised
@@ -29,6 +34,7 @@ class Servicer(pb_grpc.LLMServiceServicer):
         self.cancelled = asyncio.Event()
         self.metadata: dict[str, Any] = {}
         self.release = asyncio.Event()  # lets a "gated" stream go on past its first message
+        self.port = 0  # the server's, set by the fixture
 
     async def GenerateStream(self, request: pb.GenerateRequest, context: Any
                              ) -> AsyncIterator[pb.GenerateResponse]:  # fmt: skip
@@ -73,7 +79,7 @@ async def served() -> AsyncIterator[tuple[Server, Servicer, grpc.aio.Channel]]:
     reflection.enable_server_reflection(
         (pb.DESCRIPTOR.services_by_name["LLMService"].full_name, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = servicer.port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -213,3 +219,69 @@ async def test_an_answer_to_a_reset_stream_leaves_the_connection_alone(served: A
     assert [m.token_ids[0] for m in received] == list(range(MESSAGES))
     assert await stream.code() == grpc.StatusCode.OK
     assert list((await stub.Tokenize(pb.TokenizeRequest(text="after"))).token_ids) == [5]
+
+
+class _RawClient:
+    """An h2 client on a socket, for what a grpc client does not let a test
+    choose: its flow-control windows, and when it opens them."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.h2 = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        self.data = bytearray()  # stream 1's DATA, as received
+        self.trailers: dict[str, str] = {}
+
+    def send(self) -> None:
+        self.writer.write(self.h2.data_to_send())
+
+    async def until(self, done: Any) -> None:
+        """Read and take in events until `done(event)`."""
+        while True:
+            for event in self.h2.receive_data(await self.reader.read(65536)):
+                if isinstance(event, h2.events.DataReceived):
+                    self.data += event.data
+                elif isinstance(event, h2.events.TrailersReceived):
+                    self.trailers = dict(event.headers)  # type: ignore[arg-type]
+                if done(event):
+                    return
+
+    async def everything_sent_so_far(self) -> None:
+        """A PING's answer: all the server wrote before it has been read."""
+        self.h2.ping(b"12345678")
+        self.send()
+        await self.until(lambda e: isinstance(e, h2.events.PingAckReceived))
+
+
+@pytest.mark.parametrize("window", ["stream", "connection"])
+async def test_sends_stop_at_the_clients_flow_control_window(served: Any, window: str) -> None:
+    """The server sends no byte past a window the client opened (the stream's
+    or the connection's), and goes on when the client opens it further."""
+    _, servicer, _ = served
+    client = _RawClient(*await asyncio.open_connection("127.0.0.1", servicer.port))
+    stream_window = 100 if window == "stream" else 1 << 20
+    client.h2.initiate_connection()
+    client.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: stream_window})
+    prompt = "short" if window == "stream" else "long"
+    client.h2.send_headers(1, [
+        (":method", "POST"), (":scheme", "http"), (":authority", "x"),
+        (":path", "/llmgrpc.v1.LLMService/GenerateStream"),
+        ("content-type", "application/grpc"), ("te", "trailers")])  # fmt: skip
+    request = pb.GenerateRequest(prompt=prompt).SerializeToString()
+    client.h2.send_data(1, wire.frame_message(request), end_stream=True)
+    client.send()
+    limit = 100 if window == "stream" else 65_535  # the connection's: HTTP/2's default
+    await client.until(lambda _: len(client.data) >= limit)
+    await client.everything_sent_so_far()
+    assert len(client.data) == limit
+    if window == "stream":
+        client.h2.increment_flow_control_window(1 << 20, stream_id=1)
+    else:
+        client.h2.increment_flow_control_window(1 << 24)
+    client.send()
+    await client.until(lambda e: isinstance(e, h2.events.StreamEnded))
+    client.writer.close()
+    messages = wire.MessageReader(1 << 20).feed(bytes(client.data))
+    count = 3 if window == "stream" else MESSAGES
+    assert [pb.GenerateResponse.FromString(m).token_ids[0] for m in messages] == list(range(count))
+    assert client.trailers["grpc-status"] == "0"

@@ -1,25 +1,36 @@
-"""--transport batched against a second gRPC implementation: grpc-js, Node's
-HTTP/2 (installed in .tools by `make install`). A grpcio client of the same
-server is the reference for what each call returns."""
+"""--transport batched against other gRPC implementations: grpc-js (Node's
+HTTP/2) and grpc-go (Go's HTTP/2 framer), both installed in .tools by `make
+install`. A grpcio client of the same server is the reference for what each
+call returns. Both transports run the same checks."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from llmgrpc import AsyncClient
+from llmgrpc.v1 import llm_service_pb2 as pb
+from llmgrpc.v1 import llm_service_pb2_grpc as pb_grpc
 from llmgrpc_server.config import ServerConfig
 
 from tests.fake_server import start_fake
+from tests.fakes import FakeEngine
+from tests.waiting import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIENT = ROOT / "tests" / "interop" / "grpc_js_client.js"
 GRPC_JS = ROOT / ".tools" / "node_modules" / "@grpc" / "grpc-js"
-INVALID_ARGUMENT = 3
+GRPC_GO = ROOT / ".tools" / "grpc-go-client"  # built from tests/interop/grpc_go_client.go
+NGINX = ROOT / ".tools" / "nginx" / "usr" / "sbin" / "nginx"  # Debian's nginx, unpacked
+SERVICE = "/llmgrpc.v1.LLMService/"
+CANCELLED, INVALID_ARGUMENT = 1, 3
 
 
 async def _grpc_js(target: str) -> dict[str, Any]:
@@ -60,3 +71,154 @@ async def test_grpc_js_gets_what_grpcio_gets(transport: str) -> None:
     assert [s["tokens"] for s in js["concurrent"]] == reference_16
     assert js["invalid"]["code"] == INVALID_ARGUMENT
     assert "temperature" in js["invalid"]["details"]
+
+
+async def _grpc_go(target: str, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    assert GRPC_GO.is_file(), "the grpc-go client is built by make install"
+    for c in calls:
+        c["request"] = base64.b64encode(c["request"].SerializeToString()).decode()
+    proc = await asyncio.create_subprocess_exec(
+        str(GRPC_GO), stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    spec = json.dumps({"target": target, "calls": calls}).encode()
+    out, err = await asyncio.wait_for(proc.communicate(spec), 120)
+    assert proc.returncode == 0, err.decode()
+    results: list[dict[str, Any]] = json.loads(out)
+    for r in results:
+        r["responses"] = [base64.b64decode(b) for b in r["responses"]]
+    return results
+
+
+def _tokens(responses: list[bytes]) -> list[int]:
+    return [t for b in responses for t in pb.GenerateResponse.FromString(b).token_ids]
+
+
+@pytest.mark.parametrize("transport", ["batched", "grpcio"])
+async def test_grpc_go_gets_what_grpcio_gets(transport: str) -> None:
+    """All calls at once on one connection: unary, streams with metadata,
+    16 streams side by side, a response larger than the client's first
+    flow-control window (64 KiB), a refused request, and a stream the client
+    cancels (RST_STREAM) while the others go on."""
+    # 10 ms a token: the stream to cancel is still running when the client
+    # has its third message.
+    engine = FakeEngine(step_delay=0.01, max_model_len=4096)
+    srv = await start_fake(ServerConfig(host="127.0.0.1", port=0, metrics_port=-1,
+                                        transport=transport), engine=engine)  # fmt: skip
+    big = "".join(chr(32 + i % 90) for i in range(120_000))  # 120,000 token ids back
+    calls: list[dict[str, Any]] = [
+        {"method": SERVICE + "Tokenize", "request": pb.TokenizeRequest(text="hello world")},
+        {"method": SERVICE + "GenerateStream", "stream": True, "metadata": {"x-request-id": "go-1"},
+         "request": pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(max_tokens=12))},
+        {"method": SERVICE + "Tokenize", "request": pb.TokenizeRequest(text=big)},
+        {"method": SERVICE + "Generate",
+         "request": pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(temperature=-1))},
+        {"method": SERVICE + "GenerateStream", "stream": True, "cancel_after": 3,
+         "request": pb.GenerateRequest(prompt="c", sampling=pb.SamplingParams(max_tokens=2000))},
+    ] + [
+        {"method": SERVICE + "GenerateStream", "stream": True,
+         "request": pb.GenerateRequest(prompt=f"p{i}", sampling=pb.SamplingParams(max_tokens=40))}
+        for i in range(16)
+    ]  # fmt: skip
+    try:
+        go = await _grpc_go(srv.target, calls)
+        assert await eventually(lambda: len(engine.aborted) == 1)  # the cancelled stream's
+        async with AsyncClient(srv.target) as py:
+
+            async def tokens(prompt: str, max_tokens: int) -> list[int]:
+                return [t async for d in py.stream(prompt, max_tokens=max_tokens)
+                        for t in d.token_ids]  # fmt: skip
+
+            tokenized = await py.tokenize("hello world")
+            reference = await tokens("hi", 12)
+            tokenized_big = await py.tokenize(big)
+            reference_16 = await asyncio.gather(*(tokens(f"p{i}", 40) for i in range(16)))
+    finally:
+        await srv.running.server.stop(grace=0)
+    tokenize, stream, tokenize_big, invalid, cancelled, *concurrent = go
+    assert tokenize["code"] == 0
+    assert pb.TokenizeResponse.FromString(tokenize["responses"][0]).token_ids == tokenized.token_ids
+    assert stream["code"] == 0
+    assert _tokens(stream["responses"]) == reference
+    assert stream["header"]["x-request-id"] == ["go-1"]
+    assert tokenize_big["code"] == 0
+    assert len(tokenize_big["responses"][0]) > 100_000
+    assert pb.TokenizeResponse.FromString(tokenize_big["responses"][0]) == tokenized_big
+    assert invalid["code"] == INVALID_ARGUMENT
+    assert "temperature" in invalid["details"]
+    assert cancelled["code"] == CANCELLED
+    assert len(cancelled["responses"]) == 3
+    assert [c["code"] for c in concurrent] == [0] * 16
+    assert [_tokens(c["responses"]) for c in concurrent] == list(reference_16)
+
+
+NGINX_CONF = """
+daemon off; master_process off; worker_processes 1;
+pid {tmp}/nginx.pid; error_log {tmp}/error.log info;
+events {{ worker_connections 256; }}
+http {{
+  access_log off;
+  client_body_temp_path {tmp}/body; proxy_temp_path {tmp}/proxy;
+  fastcgi_temp_path {tmp}/fastcgi; uwsgi_temp_path {tmp}/uwsgi; scgi_temp_path {tmp}/scgi;
+  server {{
+    listen 127.0.0.1:{port} http2;
+    location / {{ grpc_pass grpc://{backend}; }}
+  }}
+}}
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("transport", ["batched", "grpcio"])
+async def test_through_nginx_grpc_pass(transport: str, tmp_path: Path) -> None:
+    """nginx's grpc_pass (its own HTTP/2 client, as in ingress-nginx with
+    backend-protocol GRPC) in front of the server: the answers, metadata,
+    statuses, a large response and a cancellation reach the client as they
+    do without it."""
+    assert NGINX.is_file(), "nginx is unpacked into .tools by make install"
+    engine = FakeEngine(step_delay=0.01, max_model_len=4096)
+    srv = await start_fake(ServerConfig(host="127.0.0.1", port=0, metrics_port=-1,
+                                        transport=transport), engine=engine)  # fmt: skip
+    port = _free_port()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(tmp=tmp_path, port=port, backend=srv.target))
+    proxy = await asyncio.create_subprocess_exec(
+        str(NGINX), "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "error.log"), stderr=asyncio.subprocess.PIPE)
+    big = "".join(chr(32 + i % 90) for i in range(120_000))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            await asyncio.wait_for(channel.channel_ready(), 30)
+            stub = pb_grpc.LLMServiceStub(channel)
+            call = stub.GenerateStream(
+                pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(max_tokens=12)),
+                metadata=(("x-request-id", "nginx-1"),))  # fmt: skip
+            streamed = [t async for m in call for t in m.token_ids]
+            initial = dict(await call.initial_metadata())
+            tokenized = await stub.Tokenize(pb.TokenizeRequest(text=big))
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.Generate(pb.GenerateRequest(
+                    prompt="hi", sampling=pb.SamplingParams(temperature=-1)))  # fmt: skip
+            cancelled = stub.GenerateStream(
+                pb.GenerateRequest(prompt="c", sampling=pb.SamplingParams(max_tokens=2000)))
+            for _ in range(3):
+                await cancelled.read()
+            cancelled.cancel()
+            # nginx resets its stream to the server: the engine request ends.
+            assert await eventually(lambda: len(engine.aborted) == 1)
+        async with AsyncClient(srv.target) as py:
+            reference = [t async for d in py.stream("hi", max_tokens=12) for t in d.token_ids]
+            reference_big = await py.tokenize(big)
+    finally:
+        proxy.terminate()
+        await proxy.wait()
+        await srv.running.server.stop(grace=0)
+    assert streamed == reference
+    assert initial["x-request-id"] == "nginx-1"
+    assert tokenized == reference_big
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "temperature" in (refused.value.details() or "")

@@ -82,16 +82,16 @@ class Call:
         self.send_headers()
         data = memoryview(wire.frame_message(serialized))
         while data:
-            room = self.conn.sendable(self.stream_id, len(data))
-            if room == 0:  # the client's window is full: wait for its WINDOW_UPDATE
+            sent = self.conn.send_data(self.stream_id, data)
+            if sent == 0:  # the client's window is full: wait for its WINDOW_UPDATE
                 self.window_open.clear()
                 await self.window_open.wait()
                 continue
             # A stream the client reset ends as a cancelled call, as with grpc:
             # the handler is closed, the engine request aborted.
-            if room < 0 or not self.conn.send_data(self.stream_id, data[:room]):
+            if sent < 0:
                 raise asyncio.CancelledError
-            data = data[room:]
+            data = data[sent:]
 
     def send_status(self, code: grpc.StatusCode, details: str | None,
                     metadata: Sequence[tuple[str, str | bytes]] = ()) -> None:  # fmt: skip

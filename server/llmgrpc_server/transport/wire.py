@@ -12,6 +12,9 @@ from collections.abc import Iterable, Sequence
 import grpc
 
 PREFIX = struct.Struct(">BI")  # compressed flag, message length
+# An HTTP/2 frame header: 24-bit length (as 8 + 16 bits), type, flags, stream id.
+FRAME_HEADER = struct.Struct(">BHBBL")
+DATA = 0x0
 TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 # Headers of the protocol itself, not the caller's metadata.
 RESERVED = frozenset({"content-type", "te", "grpc-timeout", "grpc-encoding",
@@ -33,6 +36,11 @@ class WireError(Exception):
 def frame_message(message: bytes) -> bytes:
     """One length-prefixed, uncompressed gRPC message."""
     return PREFIX.pack(0, len(message)) + message
+
+
+def data_frame_header(stream_id: int, length: int) -> bytes:
+    """The header of an HTTP/2 DATA frame of `length` bytes, no flags (RFC 9113 4.1)."""
+    return FRAME_HEADER.pack(length >> 16, length & 0xFFFF, DATA, 0, stream_id)
 
 
 class MessageReader:
