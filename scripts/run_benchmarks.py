@@ -14,8 +14,13 @@ concurrency 1, 8, 32 and 64, for:
 4. vLLM's OpenAI-compatible HTTP server (streaming /v1/completions);
 5. (optional) llmgrpc with its defaults in a session of its own (`setsid`, as
    a second terminal would start it): the kernel's autogroup effect;
-   `grpc-unpinned`: `--no-pin-front-end` (the default before issue 17);
-   `grpc-api2`: `--api-server-count 2`.
+   `grpc-grpcio`: `--transport grpcio` (grpc's server, the default before
+   issue 17's transport); `grpc-unpinned`: `--no-pin-front-end` (the default
+   before issue 17's placement);
+   `grpc-api2`: `--api-server-count 2`; `grpc-baseline`: the defaults with
+   the server package of another checkout (`--baseline DIR`, e.g. a `git
+   worktree` of an earlier commit with the same proto): before/after in one
+   interleaved run.
 Each pass runs every backend once (a round per concurrency), in alternating
 order, so that a drift in the machine's load hits them alike; the report gives
 each point's per-round min / median / max. The first pass of (1) also runs 5
@@ -63,11 +68,14 @@ UNARY_LEVELS = (1, 32)
 MAX_TOKENS, PROMPT_LEN = 128, 32
 SCRAPE_RATE = 20.0
 BACKENDS = ("grpc", "grpc-tuned", "inprocess", "openai")
-OPTIONAL_BACKENDS = ("grpc-unpinned", "grpc-own-session", "grpc-api2")
+OPTIONAL_BACKENDS = ("grpc-grpcio", "grpc-unpinned", "grpc-own-session", "grpc-api2",
+                     "grpc-baseline")  # fmt: skip
 LABELS = {"grpc": "llmgrpc, defaults", "grpc-tuned": "llmgrpc, tuned placement",
+          "grpc-grpcio": "llmgrpc, --transport grpcio",
           "grpc-unpinned": "llmgrpc, --no-pin-front-end",
           "grpc-own-session": "llmgrpc, defaults, own session",
           "grpc-api2": "llmgrpc, --api-server-count 2",
+          "grpc-baseline": "llmgrpc, defaults, --baseline's server",
           "inprocess": "in-process engine", "openai": "vLLM OpenAI HTTP"}  # fmt: skip
 STABILITY_LEVEL = 32
 MARK_BEGIN, MARK_END = "<!-- optimisations:begin -->", "<!-- optimisations:end -->"
@@ -265,12 +273,17 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _popen(cmd: list[str], log: Path, own_session: bool = False) -> subprocess.Popen[bytes]:
+def _popen(cmd: list[str], log: Path, own_session: bool = False,
+           baseline: Path | None = None) -> subprocess.Popen[bytes]:  # fmt: skip
     # The same session as the client unless asked: with the kernel's autogroup
     # scheduling, a server in another session than its client gets one fair
     # share of the CPU against the client's (docs/benchmarks.md, "Sessions").
+    env = dict(os.environ)
+    if baseline is not None:  # its llmgrpc_server comes first on the path
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(baseline / "server"),
+                                                          env.get("PYTHONPATH")]))  # fmt: skip
     return subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=REPO,
-                            start_new_session=own_session)  # fmt: skip
+                            start_new_session=own_session, env=env)  # fmt: skip
 
 
 def _wait_log(proc: subprocess.Popen[bytes], log: Path, pattern: str, timeout: float = 900
@@ -313,7 +326,8 @@ def _child(backend: str, args: argparse.Namespace, *flags: str, **kw: Any) -> di
 
 def _server_cmd(backend: str, port: int) -> list[str]:
     if _kind(backend) == "grpc":
-        variant = {"grpc-unpinned": ["--no-pin-front-end"],
+        variant = {"grpc-grpcio": ["--transport", "grpcio"],
+                   "grpc-unpinned": ["--no-pin-front-end"],
                    "grpc-api2": ["--api-server-count", "2"]}.get(backend, [])
         return [str(Path(sys.executable).parent / "llmgrpc-server"), "--model", MODEL,
                 "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
@@ -337,7 +351,8 @@ def run_backend(backend: str, args: argparse.Namespace, first: bool) -> dict[str
     else:
         log = Path(tempfile.mkdtemp(prefix=f"llmgrpc-bench-{backend}-")) / "server.log"
         port = _free_port()
-        proc = _popen(_server_cmd(backend, port), log, own_session=backend == "grpc-own-session")
+        proc = _popen(_server_cmd(backend, port), log, own_session=backend == "grpc-own-session",
+                      baseline=args.baseline if backend == "grpc-baseline" else None)  # fmt: skip
         try:
             if _kind(backend) == "grpc":
                 grpc_port = _wait_log(proc, log, r"gRPC listening on port (\d+)").group(1)
@@ -478,7 +493,13 @@ def main() -> None:
     p.add_argument("--md", type=Path, default=REPO / "docs" / "benchmarks.md")
     p.add_argument("--png", type=Path, default=REPO / "docs" / "benchmarks.png")
     p.add_argument("-v", "--verbose", action="store_true", help="show the children's output")
+    p.add_argument("--baseline", type=Path,
+                   help="another checkout whose server package the grpc-baseline backend runs")
     args = p.parse_args()
+    if args.baseline is not None:
+        commit = subprocess.run(["git", "-C", str(args.baseline), "describe", "--always", "--dirty"],
+                                check=False, capture_output=True, text=True).stdout.strip()  # fmt: skip
+        LABELS["grpc-baseline"] = f"llmgrpc, defaults at {commit or args.baseline}"
     if args.from_json:
         doc = json.loads(args.from_json.read_text())
     else:
@@ -791,7 +812,7 @@ def machine() -> dict[str, Any]:
             versions[dist] = importlib.metadata.version(dist)
         except Exception:
             versions[dist] = "?"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
                             text=True, cwd=REPO, check=False).stdout.strip()  # fmt: skip
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
             "versions": versions, "commit": commit}  # fmt: skip

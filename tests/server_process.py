@@ -110,11 +110,11 @@ SHARED: dict[str, list[str]] = {
     # that requests naming both rotate them (tests/integration/test_lora.py).
     # Exporting its spans and vLLM's to the session's OTLP trace receiver
     # (tests/integration/test_tracing.py).
-    # On llmgrpc's own transport (--transport batched): text, adapters, the
-    # admin service, tracing and the Prometheus test go through it on a real
-    # engine; the other servers keep grpcio, the default.
+    # On grpc's own server (--transport grpcio): text, adapters, the admin
+    # service, tracing and the Prometheus test go through it on a real engine;
+    # the other servers run the default, llmgrpc's own transport.
     "smollm": ["--model", "smollm2-135m-instruct", "--dtype", "float32", "--enforce-eager",
-               "--transport", "batched",
+               "--transport", "grpcio",
                "--lora-modules", *(f"smollm2-135m-instruct-lora-{x}=smollm2-135m-instruct-lora-{x}"
                                    for x in "ab"),
                "--max-loras", "1", "--max-cpu-loras", "4",

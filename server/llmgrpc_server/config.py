@@ -101,9 +101,9 @@ class ServerConfig:
     pin_front_end: bool = True
     # vLLM's --api-server-count: gRPC front-end processes on one port (frontends.py).
     api_server_count: int = 1
-    # What carries the calls: grpcio's server, or llmgrpc's own HTTP/2 transport
-    # that writes each connection's messages once per loop turn (transport/).
-    transport: str = "grpcio"
+    # What carries the calls: llmgrpc's own HTTP/2 transport, which writes each
+    # connection's messages once per loop turn (transport/), or grpcio's server.
+    transport: str = "batched"
     # Which of them this process is (set by the manager, not a flag).
     frontend_index: int = 0
     models_dir: Path = field(default_factory=default_models_dir)
@@ -221,9 +221,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     g.add_argument(
         "--transport", choices=TRANSPORTS, default=ServerConfig.transport,
-        help="grpcio: grpc's server; batched: llmgrpc's own HTTP/2 transport, which writes "
-        "each connection's messages once per event-loop turn (fewer writes and wake-ups at "
-        "both ends under load; docs/benchmarks.md)",
+        help="batched (default): llmgrpc's own HTTP/2 transport, which writes each "
+        "connection's messages once per event-loop turn (fewer writes and wake-ups at both "
+        "ends under load; docs/benchmarks.md); grpcio: grpc's own server",
     )  # fmt: skip
     g.add_argument(
         "--coalesce-budget-ms", type=float, default=ServerConfig.coalesce_budget_ms,

@@ -27,7 +27,7 @@ import pytest
 from llmgrpc import AsyncClient, Security
 from llmgrpc.client import channel_options
 from llmgrpc_server import server
-from llmgrpc_server.config import ServerConfig
+from llmgrpc_server.config import TRANSPORTS, ServerConfig
 
 from tests.fake_server import FakeServer, start_fake
 from tests.fakes import FakeEngine
@@ -54,8 +54,9 @@ def test_client_options_override_the_defaults() -> None:
 
 
 @asynccontextmanager
-async def _slow_fake(keepalive_policy: bool) -> AsyncIterator[FakeServer]:
-    config = ServerConfig(host="127.0.0.1", port=0, metrics_port=-1)
+async def _slow_fake(keepalive_policy: bool, transport: str = "grpcio"
+                     ) -> AsyncIterator[FakeServer]:  # fmt: skip
+    config = ServerConfig(host="127.0.0.1", port=0, metrics_port=-1, transport=transport)
     real = server.grpc_options
     if not keepalive_policy:
         # The same server with gRPC's default ping policy (the negative control).
@@ -79,15 +80,18 @@ async def _long_call(srv: FakeServer) -> tuple[float, int]:
         return time.monotonic() - started, out.usage.completion_tokens
 
 
-async def test_a_20s_unary_call_survives_a_ping_a_second() -> None:
-    async with _slow_fake(keepalive_policy=True) as srv:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_20s_unary_call_survives_a_ping_a_second(transport: str) -> None:
+    async with _slow_fake(keepalive_policy=True, transport=transport) as srv:
         elapsed, tokens = await _long_call(srv)
     assert tokens == LONG_TOKENS
     assert elapsed >= LONG_TOKENS * STEP * 0.9
 
 
 async def test_negative_control_default_ping_policy_kills_the_call() -> None:
-    async with _slow_fake(keepalive_policy=False) as srv:
+    """grpcio's server with grpc's default ping policy (the transport whose
+    policy it is; llmgrpc's own transport has no other)."""
+    async with _slow_fake(keepalive_policy=False, transport="grpcio") as srv:
         started = time.monotonic()
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await _long_call(srv)

@@ -6,6 +6,8 @@ whole server on it)."""
 from __future__ import annotations
 
 import asyncio
+import gzip
+import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -230,7 +232,7 @@ class _RawClient:
         self.h2 = h2.connection.H2Connection(
             h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
         self.data = bytearray()  # stream 1's DATA, as received
-        self.trailers: dict[str, str] = {}
+        self.trailers: dict[str, str] = {}  # and the response's headers
 
     def send(self) -> None:
         self.writer.write(self.h2.data_to_send())
@@ -241,8 +243,9 @@ class _RawClient:
             for event in self.h2.receive_data(await self.reader.read(65536)):
                 if isinstance(event, h2.events.DataReceived):
                     self.data += event.data
-                elif isinstance(event, h2.events.TrailersReceived):
-                    self.trailers = dict(event.headers)  # type: ignore[arg-type]
+                elif isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
+                    # grpc-status: in the trailers, or a trailers-only response's headers
+                    self.trailers.update(event.headers)  # type: ignore[arg-type]
                 if done(event):
                     return
 
@@ -285,3 +288,46 @@ async def test_sends_stop_at_the_clients_flow_control_window(served: Any, window
     count = 3 if window == "stream" else MESSAGES
     assert [pb.GenerateResponse.FromString(m).token_ids[0] for m in messages] == list(range(count))
     assert client.trailers["grpc-status"] == "0"
+
+
+async def _raw_tokenize(port: int, encoding: str, body: bytes) -> tuple[bytes, dict[str, str]]:
+    """One Tokenize call whose request body is `body`, sent as it is."""
+    client = _RawClient(*await asyncio.open_connection("127.0.0.1", port))
+    client.h2.initiate_connection()
+    client.h2.send_headers(1, [
+        (":method", "POST"), (":scheme", "http"), (":authority", "x"),
+        (":path", "/llmgrpc.v1.LLMService/Tokenize"), ("content-type", "application/grpc"),
+        ("te", "trailers"), ("grpc-encoding", encoding)])  # fmt: skip
+    client.h2.send_data(1, body, end_stream=True)
+    client.send()
+    await client.until(lambda e: isinstance(e, h2.events.StreamEnded))
+    client.writer.close()
+    return bytes(client.data), client.trailers
+
+
+async def test_compressed_requests_gzip_and_deflate(served: Any) -> None:
+    """Requests compressed as grpcio's clients compress them are taken (as
+    grpcio's server takes them); one that would inflate past the message cap
+    is refused before it does; an unknown encoding is UNIMPLEMENTED."""
+    _, servicer, channel = served
+    stub = pb_grpc.LLMServiceStub(channel)
+    text = "y" * 3000
+    for compression in (grpc.Compression.Gzip, grpc.Compression.Deflate):
+        response = await stub.Tokenize(pb.TokenizeRequest(text=text), compression=compression)
+        assert list(response.token_ids) == [3000]
+    request = pb.TokenizeRequest(text=text).SerializeToString()
+    for encoding, packed in (("gzip", gzip.compress(request)), ("deflate", zlib.compress(request))):
+        body = wire.PREFIX.pack(1, len(packed)) + packed
+        data, trailers = await _raw_tokenize(servicer.port, encoding, body)
+        assert trailers["grpc-status"] == "0"
+        (message,) = wire.MessageReader(MAX_MESSAGE).feed(data)
+        assert list(pb.TokenizeResponse.FromString(message).token_ids) == [3000]
+    bomb = gzip.compress(pb.TokenizeRequest(text="z" * 1_000_000).SerializeToString())
+    assert len(bomb) < MAX_MESSAGE
+    _, trailers = await _raw_tokenize(servicer.port, "gzip", wire.PREFIX.pack(1, len(bomb)) + bomb)
+    assert trailers["grpc-status"] == str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
+    _, trailers = await _raw_tokenize(servicer.port, "br", wire.PREFIX.pack(0, len(request)) + request)
+    assert trailers["grpc-status"] == str(grpc.StatusCode.UNIMPLEMENTED.value[0])
+    data, trailers = await _raw_tokenize(servicer.port, "identity",
+                                         wire.PREFIX.pack(1, len(request)) + request)  # fmt: skip
+    assert trailers["grpc-status"] == str(grpc.StatusCode.INTERNAL.value[0])

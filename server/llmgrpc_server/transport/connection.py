@@ -264,6 +264,13 @@ class Connection(asyncio.Protocol):
         try:
             if not fields.get("content-type", "").startswith("application/grpc"):
                 raise wire.WireError(grpc.StatusCode.INTERNAL, "not application/grpc")
+            call.reader.encoding = fields.get("grpc-encoding", "identity")
+            if call.reader.encoding not in wire.ENCODINGS:
+                raise wire.WireError(
+                    grpc.StatusCode.UNIMPLEMENTED,
+                    f"grpc-encoding {call.reader.encoding!r} is not supported "
+                    f"(grpc-accept-encoding: {wire.ACCEPT_ENCODING})",
+                )
             timeout = fields.get("grpc-timeout")
             deadline = None if timeout is None else time.monotonic() + wire.parse_timeout(timeout)
         except wire.WireError as e:

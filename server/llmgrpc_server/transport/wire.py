@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import struct
 import urllib.parse
+import zlib
 from collections.abc import Iterable, Sequence
 
 import grpc
@@ -20,6 +21,9 @@ TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e
 RESERVED = frozenset({"content-type", "te", "grpc-timeout", "grpc-encoding",
                       "grpc-accept-encoding", "user-agent", "content-length"})  # fmt: skip
 Metadata = tuple[tuple[str, str | bytes], ...]
+# Request compression taken, as grpcio's server takes it; answers are not compressed.
+ENCODINGS = {"identity": 0, "gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}  # zlib wbits
+ACCEPT_ENCODING = "identity,deflate,gzip"
 # grpc-message: printable ASCII is sent as is, but '%'; the rest percent-encoded.
 MESSAGE_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 
@@ -44,11 +48,13 @@ def data_frame_header(stream_id: int, length: int) -> bytes:
 
 
 class MessageReader:
-    """Splits a request body into messages as its bytes arrive; a message over
-    `max_bytes`, or a compressed one (we advertise no compression), is refused."""
+    """Splits a request body into messages as its bytes arrive. A message
+    over `max_bytes` is refused, before it is read whole and, if compressed
+    (`encoding`, the call's grpc-encoding), before it is inflated past it."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, encoding: str = "identity") -> None:
         self.max_bytes = max_bytes
+        self.encoding = encoding
         self._buf = bytearray()
 
     def feed(self, data: bytes) -> list[bytes]:
@@ -56,11 +62,6 @@ class MessageReader:
         out = []
         while len(self._buf) >= PREFIX.size:
             compressed, length = PREFIX.unpack_from(self._buf)
-            if compressed:
-                raise WireError(
-                    grpc.StatusCode.UNIMPLEMENTED,
-                    "compressed messages are not accepted (no grpc-encoding)",
-                )
             if length > self.max_bytes:
                 raise WireError(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -69,8 +70,30 @@ class MessageReader:
             end = PREFIX.size + length
             if len(self._buf) < end:
                 break
-            out.append(bytes(self._buf[PREFIX.size : end]))
+            message = bytes(self._buf[PREFIX.size : end])
             del self._buf[:end]
+            out.append(self._inflate(message) if compressed else message)
+        return out
+
+    def _inflate(self, message: bytes) -> bytes:
+        wbits = ENCODINGS.get(self.encoding, 0)
+        if not wbits:  # PROTOCOL-HTTP2.md: a compressed flag with no encoding
+            raise WireError(grpc.StatusCode.INTERNAL,
+                            "a compressed message in a call without grpc-encoding")  # fmt: skip
+        inflater = zlib.decompressobj(wbits)
+        try:
+            out = inflater.decompress(message, self.max_bytes + 1)
+        except zlib.error as e:
+            details = f"could not decompress a {self.encoding} message: {e}"
+            raise WireError(grpc.StatusCode.INTERNAL, details) from e
+        if len(out) > self.max_bytes:
+            raise WireError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"SERVER: Received message larger than max (more than {self.max_bytes} bytes "
+                f"once decompressed)",
+            )
+        if not inflater.eof:
+            raise WireError(grpc.StatusCode.INTERNAL, f"a truncated {self.encoding} message")
         return out
 
     @property
@@ -124,4 +147,5 @@ def status_headers(code: grpc.StatusCode, details: str | None,
     return out + metadata_headers(metadata)
 
 
-RESPONSE_HEADERS = [(":status", "200"), ("content-type", "application/grpc")]
+RESPONSE_HEADERS = [(":status", "200"), ("content-type", "application/grpc"),
+                    ("grpc-accept-encoding", ACCEPT_ENCODING)]  # fmt: skip
