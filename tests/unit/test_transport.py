@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import socket
 import zlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,7 +25,7 @@ from grpc_status import rpc_status
 from llmgrpc.v1 import llm_service_pb2 as pb
 from llmgrpc.v1 import llm_service_pb2_grpc as pb_grpc
 from llmgrpc_server.transport import wire
-from llmgrpc_server.transport.server import Server
+from llmgrpc_server.transport.server import Server, shared_port_socket
 
 MESSAGES, TEXT = 200, "x" * 1000  # past grpc's 64 KiB windows: flow control is exercised
 MAX_MESSAGE = 4096
@@ -331,3 +332,22 @@ async def test_compressed_requests_gzip_and_deflate(served: Any) -> None:
     data, trailers = await _raw_tokenize(servicer.port, "identity",
                                          wire.PREFIX.pack(1, len(request)) + request)  # fmt: skip
     assert trailers["grpc-status"] == str(grpc.StatusCode.INTERNAL.value[0])
+
+
+def test_shared_port_sockets_share_a_port_on_both_families() -> None:
+    """What --api-server-count's front ends bind: one port, several sockets
+    (SO_REUSEPORT); "::" takes IPv4 clients too."""
+    first = shared_port_socket("[::]", 0)
+    port = first.getsockname()[1]
+    second = shared_port_socket("::", port)
+    v4 = shared_port_socket("127.0.0.1", 0)
+    try:
+        assert second.getsockname()[1] == port
+        assert v4.family == socket.AF_INET
+        second.listen(1)
+        with socket.create_connection(("127.0.0.1", port), timeout=10):
+            accepted, _ = second.accept()
+            accepted.close()
+    finally:
+        for s in (first, second, v4):
+            s.close()

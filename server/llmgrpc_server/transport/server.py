@@ -31,6 +31,22 @@ class _CallDetails(NamedTuple):
     invocation_metadata: wire.Metadata
 
 
+def shared_port_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (port 0: one the kernel picks) that
+    other processes may bind too (SO_REUSEPORT, Linux), as --api-server-count's
+    front ends do; "" or "::" is every address, IPv4 included."""
+    host = host.strip("[]") or "::"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    with contextlib.suppress(AttributeError, OSError):  # not on every platform
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.bind((host, port))
+    return sock
+
+
 class Server(grpc.aio.Server):
     def __init__(
         self,
@@ -111,15 +127,7 @@ class Server(grpc.aio.Server):
     # --- ports and lifecycle -------------------------------------------------------------
     def _bind(self, address: str, tls: ssl.SSLContext | None) -> int:
         host, _, port = address.rpartition(":")
-        host = host.strip("[]") or "::"
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        with contextlib.suppress(AttributeError, OSError):  # Linux: --api-server-count
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind((host, int(port)))
+        sock = shared_port_socket(host, int(port))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sockets.append((sock, tls))
         return int(sock.getsockname()[1])

@@ -42,6 +42,7 @@ from multiprocessing.connection import wait
 from typing import Any
 
 from llmgrpc_server.config import ServerConfig
+from llmgrpc_server.transport.server import shared_port_socket
 
 log = logging.getLogger(__name__)
 EXIT_OK, EXIT_FAILED, EXIT_STOPPED_LOADING = 0, 1, 3
@@ -167,11 +168,7 @@ def _reserve_port(config: ServerConfig) -> tuple[socket.socket | None, int]:
     bound, non-listening SO_REUSEPORT socket (it takes no connections)."""
     if config.port != 0:
         return None, config.port
-    host = config.host.strip("[]") or "::"
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, 0))
+    sock = shared_port_socket(config.host, 0)
     return sock, int(sock.getsockname()[1])
 
 
