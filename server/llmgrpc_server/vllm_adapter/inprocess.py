@@ -5,7 +5,8 @@ the same engine with no network and no gRPC. The caller builds the
 engine's arguments with llmgrpc-server's own flag parsing (`main.parse`:
 embedded-model defaults, KV cache size, served name; llmgrpc.bench_backends
 does), its settings are cached as the server caches them, and prompts are
-tokenized here and passed as ids, as the adapter does.
+tokenized here and passed as ids, rendered on the event loop, as the adapter
+does (engine.engine_input).
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from typing import Any
 from llmgrpc.bench_backends import Lifecycle, Recorder, RequestResult
 from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
-from vllm.inputs import TokensPrompt
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
+from llmgrpc_server.vllm_adapter.engine import engine_input
 from llmgrpc_server.vllm_adapter.settings import cache_vllm_settings, use_working_compile_cache
 
 
@@ -55,7 +56,7 @@ class InProcessBackend(Lifecycle):
         try:
             ids = self._tokenizer.encode(prompt)
             async for out in self._llm.generate(
-                TokensPrompt(prompt_token_ids=ids), params, uuid.uuid4().hex
+                engine_input(self._llm, ids), params, uuid.uuid4().hex
             ):
                 rec.message(len(out.outputs[0].token_ids))
             return rec.done(len(ids))
