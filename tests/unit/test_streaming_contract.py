@@ -111,6 +111,11 @@ class StubLLM:
         self.vllm_config = SimpleNamespace(lora_config=None, model_config=SimpleNamespace(
             get_vocab_size=lambda: 512, max_model_len=2048, max_logprobs=20,
             served_model_name="stub", model="stub"))  # fmt: skip
+        # What engine.engine_input uses: vLLM's renderer, here handing the
+        # prompt on as it is.
+        self.model_config = SimpleNamespace(is_encoder_decoder=False)
+        self.renderer = SimpleNamespace(default_cmpl_tok_params=None,
+                                        render_cmpl=lambda prompts, params: list(prompts))  # fmt: skip
         self._tokenizer = SimpleNamespace(
             chat_template=chat_template, encode=lambda text, **kw: [1, 2],
             get_vocab=lambda: {"a": 1, "b": 2},

@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
 from llmgrpc import AsyncClient
 from llmgrpc.v1 import llm_service_pb2 as pb
 from llmgrpc.v1 import llm_service_pb2_grpc as pb_grpc
@@ -30,7 +31,7 @@ GRPC_JS = ROOT / ".tools" / "node_modules" / "@grpc" / "grpc-js"
 GRPC_GO = ROOT / ".tools" / "grpc-go-client"  # built from tests/interop/grpc_go_client.go
 NGINX = ROOT / ".tools" / "nginx" / "usr" / "sbin" / "nginx"  # Debian's nginx, unpacked
 SERVICE = "/llmgrpc.v1.LLMService/"
-CANCELLED, INVALID_ARGUMENT = 1, 3
+CANCELLED, INVALID_ARGUMENT, DEADLINE_EXCEEDED = 1, 3, 4
 
 
 async def _grpc_js(target: str) -> dict[str, Any]:
@@ -98,8 +99,9 @@ def _tokens(responses: list[bytes]) -> list[int]:
 async def test_grpc_go_gets_what_grpcio_gets(transport: str) -> None:
     """All calls at once on one connection: unary, streams with metadata,
     16 streams side by side, a response larger than the client's first
-    flow-control window (64 KiB), a refused request, and a stream the client
-    cancels (RST_STREAM) while the others go on."""
+    flow-control window (64 KiB), a refused request, a stream the client
+    cancels (RST_STREAM) and one whose deadline passes while the others go
+    on, and a health check."""
     # 10 ms a token: the stream to cancel is still running when the client
     # has its third message.
     engine = FakeEngine(step_delay=0.01, max_model_len=4096)
@@ -115,6 +117,11 @@ async def test_grpc_go_gets_what_grpcio_gets(transport: str) -> None:
          "request": pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(temperature=-1))},
         {"method": SERVICE + "GenerateStream", "stream": True, "cancel_after": 3,
          "request": pb.GenerateRequest(prompt="c", sampling=pb.SamplingParams(max_tokens=2000))},
+        {"method": SERVICE + "GenerateStream", "stream": True, "timeout_ms": 300,
+         "request": pb.GenerateRequest(prompt="d", sampling=pb.SamplingParams(max_tokens=2000))},
+        # What kubelet's gRPC probe (grpc-go) asks.
+        {"method": "/grpc.health.v1.Health/Check",
+         "request": health_pb2.HealthCheckRequest(service="llmgrpc.v1.LLMService")},
     ] + [
         {"method": SERVICE + "GenerateStream", "stream": True,
          "request": pb.GenerateRequest(prompt=f"p{i}", sampling=pb.SamplingParams(max_tokens=40))}
@@ -122,7 +129,8 @@ async def test_grpc_go_gets_what_grpcio_gets(transport: str) -> None:
     ]  # fmt: skip
     try:
         go = await _grpc_go(srv.target, calls)
-        assert await eventually(lambda: len(engine.aborted) == 1)  # the cancelled stream's
+        # The cancelled stream's and the expired one's engine requests end.
+        assert await eventually(lambda: len(engine.aborted) == 2)
         async with AsyncClient(srv.target) as py:
 
             async def tokens(prompt: str, max_tokens: int) -> list[int]:
@@ -135,7 +143,7 @@ async def test_grpc_go_gets_what_grpcio_gets(transport: str) -> None:
             reference_16 = await asyncio.gather(*(tokens(f"p{i}", 40) for i in range(16)))
     finally:
         await srv.running.server.stop(grace=0)
-    tokenize, stream, tokenize_big, invalid, cancelled, *concurrent = go
+    tokenize, stream, tokenize_big, invalid, cancelled, expired, health, *concurrent = go
     assert tokenize["code"] == 0
     assert pb.TokenizeResponse.FromString(tokenize["responses"][0]).token_ids == tokenized.token_ids
     assert stream["code"] == 0
@@ -148,6 +156,11 @@ async def test_grpc_go_gets_what_grpcio_gets(transport: str) -> None:
     assert "temperature" in invalid["details"]
     assert cancelled["code"] == CANCELLED
     assert len(cancelled["responses"]) == 3
+    assert expired["code"] == DEADLINE_EXCEEDED  # grpc-go's grpc-timeout, parsed
+    assert 0 < len(expired["responses"]) < 2000
+    assert health["code"] == 0
+    serving = health_pb2.HealthCheckResponse.SERVING
+    assert health_pb2.HealthCheckResponse.FromString(health["responses"][0]).status == serving
     assert [c["code"] for c in concurrent] == [0] * 16
     assert [_tokens(c["responses"]) for c in concurrent] == list(reference_16)
 
