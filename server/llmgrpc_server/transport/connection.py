@@ -147,7 +147,6 @@ class Connection(asyncio.Protocol):
         """Queue a response's headers; False: the stream is gone (reset by the client)."""
         return self._send(self.h2.send_headers, stream_id, headers)
 
-
     def send_data(self, stream_id: int, data: bytes | memoryview) -> int:
         """Queue as much of `data` as flow control and the frame size let the
         stream send now, as one DATA frame; how many bytes that was (0: wait
@@ -155,7 +154,8 @@ class Connection(asyncio.Protocol):
 
         Every message of a stream goes through here, so the frame is written
         by hand instead of by h2's send_data (its state machines, a frame
-        object and a copy cost ~4 us a message, docs/benchmarks.md). h2 keeps
+        object and a copy: 5.1 µs a message against 0.95,
+        scripts/microbench_transport.py). h2 keeps
         the books: both flow-control windows are charged as its send_data
         charges them, and the frame joins h2's buffer, after the stream's
         HEADERS, in order. DATA changes no state in h2's machines while the
