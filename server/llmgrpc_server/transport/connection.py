@@ -24,6 +24,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import h2.stream
 import hyperframe.frame
 
 from llmgrpc_server.transport import wire
@@ -160,10 +161,9 @@ class Connection(asyncio.Protocol):
         charges them, and the frame joins h2's buffer, after the stream's
         HEADERS, in order. DATA changes no state in h2's machines while the
         stream is open, which `_open` checks."""
-        if not self._open(stream_id):
+        if (stream := self._open(stream_id)) is None:
             return -1
         h2conn = self.h2
-        stream = h2conn.streams[stream_id]
         size = min(len(data), h2conn.outbound_flow_control_window,
                    stream.outbound_flow_control_window, h2conn.max_outbound_frame_size)  # fmt: skip
         if size <= 0:
@@ -176,15 +176,15 @@ class Connection(asyncio.Protocol):
         self._schedule_flush()
         return size
 
-    def _open(self, stream_id: int) -> bool:
-        """Whether h2 still has the stream open. Sending on one it has dropped
-        (the client reset it) would make h2 open a new server stream instead,
-        and fail the whole connection."""
+    def _open(self, stream_id: int) -> h2.stream.H2Stream | None:
+        """h2's stream if it still has it open, else None. Sending on one it
+        has dropped (the client reset it) would make h2 open a new server
+        stream instead, and fail the whole connection."""
         stream = self.h2.streams.get(stream_id)
-        return stream is not None and not stream.closed
+        return None if stream is None or stream.closed else stream
 
     def _send(self, send: Any, stream_id: int, payload: Any) -> bool:
-        if not self._open(stream_id):
+        if self._open(stream_id) is None:
             return False
         try:
             send(stream_id, payload)
@@ -201,7 +201,7 @@ class Connection(asyncio.Protocol):
         self._send(partial(self.h2.send_headers, end_stream=True), stream_id, headers)
 
     def reset(self, stream_id: int) -> None:
-        if not self._open(stream_id):
+        if self._open(stream_id) is None:
             return
         try:
             self.h2.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
