@@ -44,12 +44,12 @@ install: system-deps $(VENV)/.installed .tools/node_modules/.bin/buf $(GRPC_JS) 
 # observability tests; Go with grpc-go's sources for the transport's interop
 # tests. Installed only when missing (needs root or sudo).
 SYSTEM_PACKAGES := prometheus golang-go golang-google-grpc-dev
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 system-deps:
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null && \
 	  command -v go >/dev/null && test -d /usr/share/gocode/src/google.golang.org/grpc || { \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
 	    $(SYSTEM_PACKAGES) >/dev/null; }
 
 $(VENV)/.installed: pyproject.toml setup.py requirements/embedded-model.txt $(wildcard proto/llmgrpc/v1/*.proto)
@@ -84,8 +84,7 @@ $(GRPC_GO_CLIENT): tests/interop/grpc_go_client.go | system-deps
 $(NGINX): | system-deps
 	mkdir -p .tools/nginx
 	cd .tools && { apt-get download -qq nginx 2>/dev/null || { \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -qq && \
-	  apt-get download -qq nginx; }; }
+	  $(SUDO) apt-get update -qq && apt-get download -qq nginx; }; }
 	dpkg -x .tools/nginx_*.deb .tools/nginx && rm .tools/nginx_*.deb
 	test -x $@
 
