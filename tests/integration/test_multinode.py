@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ from llmgrpc.client import generate_request
 from llmgrpc_server import models
 
 from tests.fresh_process import run_fresh
+from tests.ports import free_port
 from tests.server_process import ROOT, running
 from tests.settings import STARTUP_TIMEOUT
 from tests.waiting import poll
@@ -48,14 +48,6 @@ MODEL = "tiny-llama-gqa"
 KV_CACHE_BYTES = 64 * 1024 * 1024  # the embedded model's own (main._embedded_defaults)
 # A long stream: still decoding when node 1 dies.
 DOOMED_TOKENS = 1900
-
-
-def _free_port() -> int:
-    """A port for vLLM's --master-port: vLLM binds it in a child process, so
-    the number must be chosen up front (its own launch does the same)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def engine_flags(master_port: int) -> list[str]:
@@ -102,7 +94,9 @@ def test_a_model_across_two_nodes_streams_and_a_dead_node_fails_the_stream(
     request: pytest.FixtureRequest, node1_log: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     started = time.monotonic()
-    port = _free_port()
+    # vLLM binds --master-port in a child process: the number is chosen up
+    # front (its own launch does the same).
+    port = free_port()
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")  # the leader's worker: core 0
     leader_args = ["--model", MODEL, "--node-rank", "0", *engine_flags(port)]
     with running(leader_args, "leader", request) as leader:

@@ -11,7 +11,6 @@ import concurrent.futures
 import itertools
 import json
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -25,6 +24,7 @@ import pytest
 from llmgrpc import Client
 
 from tests import promql
+from tests.ports import free_port
 from tests.server_process import ServerProcess
 
 pytestmark = pytest.mark.engine
@@ -32,13 +32,6 @@ PROMETHEUS = shutil.which("prometheus")
 RATE_WINDOW = "30s"
 # The smollm server's adapters (--lora-modules in tests/server_process.py).
 ADAPTERS = ("smollm2-135m-instruct-lora-a", "smollm2-135m-instruct-lora-b")
-
-
-def _free_port() -> int:
-    # Prometheus cannot report a port it picked itself; a tiny race is accepted here.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +44,7 @@ def prometheus(smollm: ServerProcess) -> Iterator[str]:
         "scrape_configs:\n  - job_name: llmgrpc\n    static_configs:\n"
         f"      - targets: ['127.0.0.1:{smollm.metrics_port}']\n"
     )
-    port = _free_port()
+    port = free_port()  # Prometheus cannot report a port it picked itself
     proc = subprocess.Popen(
         [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
          f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],

@@ -54,8 +54,7 @@ def test_client_options_override_the_defaults() -> None:
 
 
 @asynccontextmanager
-async def _slow_fake(keepalive_policy: bool, transport: str = "grpcio"
-                     ) -> AsyncIterator[FakeServer]:  # fmt: skip
+async def _slow_fake(keepalive_policy: bool, transport: str) -> AsyncIterator[FakeServer]:
     config = ServerConfig(host="127.0.0.1", port=0, metrics_port=-1, transport=transport)
     real = server.grpc_options
     if not keepalive_policy:

@@ -19,6 +19,7 @@ from llmgrpc_server.main import parse
 from llmgrpc_server.vllm_adapter import multinode
 from llmgrpc_server.vllm_adapter.multinode import Topology, rendezvous_connections, topology
 
+from tests.ports import free_port
 from tests.waiting import eventually
 
 
@@ -85,13 +86,6 @@ def test_rendezvous_connections_counts_the_stores_clients() -> None:
     assert rendezvous_connections(port) is None  # nothing listens any more
 
 
-def unused_port() -> int:
-    """A port nobody listens on (yet): no store is open there."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 class Lines(logging.Handler):
     """The log's lines as they come, for a test to wait on."""
 
@@ -115,7 +109,7 @@ async def test_the_leader_logs_the_nodes_it_waits_for(monkeypatch: pytest.Monkey
     logger, lines = logging.getLogger(multinode.__name__), Lines()
     monkeypatch.setattr(logger, "level", logging.INFO)
     logger.addHandler(lines)
-    port = unused_port()
+    port = free_port()  # nobody listens there (yet): no store is open
     _, args = parse(leader(port))
     loaded = asyncio.Event()
 
@@ -150,7 +144,7 @@ async def test_an_engine_up_between_two_polls_still_logs_that_all_joined(
     logger, lines = logging.getLogger(multinode.__name__), Lines()
     monkeypatch.setattr(logger, "level", logging.INFO)
     logger.addHandler(lines)
-    port = unused_port()
+    port = free_port()
     _, args = parse(leader(port))
 
     async def load() -> str:

@@ -235,6 +235,26 @@ class _RawClient:
         self.data = bytearray()  # stream 1's DATA, as received
         self.trailers: dict[str, str] = {}  # and the response's headers
 
+    @classmethod
+    async def connect(cls, port: int, stream_window: int | None = None) -> _RawClient:
+        """Connected, its preface queued (with `stream_window` as its streams'
+        initial window), nothing sent yet."""
+        client = cls(*await asyncio.open_connection("127.0.0.1", port))
+        client.h2.initiate_connection()
+        if stream_window is not None:
+            client.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: stream_window})
+        return client
+
+    def call(self, method: str, body: bytes, *headers: tuple[str, str]) -> None:
+        """Stream 1: a call of LLMService `method` whose request body is `body`,
+        sent as it is, with everything queued before it."""
+        self.h2.send_headers(1, [
+            (":method", "POST"), (":scheme", "http"), (":authority", "x"),
+            (":path", f"/llmgrpc.v1.LLMService/{method}"),
+            ("content-type", "application/grpc"), ("te", "trailers"), *headers])  # fmt: skip
+        self.h2.send_data(1, body, end_stream=True)
+        self.send()
+
     def send(self) -> None:
         self.writer.write(self.h2.data_to_send())
 
@@ -262,18 +282,10 @@ async def test_sends_stop_at_the_clients_flow_control_window(served: Any, window
     """The server sends no byte past a window the client opened (the stream's
     or the connection's), and goes on when the client opens it further."""
     _, servicer, _ = served
-    client = _RawClient(*await asyncio.open_connection("127.0.0.1", servicer.port))
-    stream_window = 100 if window == "stream" else 1 << 20
-    client.h2.initiate_connection()
-    client.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: stream_window})
+    client = await _RawClient.connect(servicer.port, 100 if window == "stream" else 1 << 20)
     prompt = "short" if window == "stream" else "long"
-    client.h2.send_headers(1, [
-        (":method", "POST"), (":scheme", "http"), (":authority", "x"),
-        (":path", "/llmgrpc.v1.LLMService/GenerateStream"),
-        ("content-type", "application/grpc"), ("te", "trailers")])  # fmt: skip
     request = pb.GenerateRequest(prompt=prompt).SerializeToString()
-    client.h2.send_data(1, wire.frame_message(request), end_stream=True)
-    client.send()
+    client.call("GenerateStream", wire.frame_message(request))
     limit = 100 if window == "stream" else 65_535  # the connection's: HTTP/2's default
     await client.until(lambda _: len(client.data) >= limit)
     await client.everything_sent_so_far()
@@ -293,14 +305,8 @@ async def test_sends_stop_at_the_clients_flow_control_window(served: Any, window
 
 async def _raw_tokenize(port: int, encoding: str, body: bytes) -> tuple[bytes, dict[str, str]]:
     """One Tokenize call whose request body is `body`, sent as it is."""
-    client = _RawClient(*await asyncio.open_connection("127.0.0.1", port))
-    client.h2.initiate_connection()
-    client.h2.send_headers(1, [
-        (":method", "POST"), (":scheme", "http"), (":authority", "x"),
-        (":path", "/llmgrpc.v1.LLMService/Tokenize"), ("content-type", "application/grpc"),
-        ("te", "trailers"), ("grpc-encoding", encoding)])  # fmt: skip
-    client.h2.send_data(1, body, end_stream=True)
-    client.send()
+    client = await _RawClient.connect(port)
+    client.call("Tokenize", body, ("grpc-encoding", encoding))
     await client.until(lambda e: isinstance(e, h2.events.StreamEnded))
     client.writer.close()
     return bytes(client.data), client.trailers

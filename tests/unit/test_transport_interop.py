@@ -9,7 +9,6 @@ import asyncio
 import base64
 import json
 import shutil
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +20,9 @@ from llmgrpc.v1 import llm_service_pb2 as pb
 from llmgrpc.v1 import llm_service_pb2_grpc as pb_grpc
 from llmgrpc_server.config import ServerConfig
 
-from tests.fake_server import start_fake
+from tests.fake_server import FakeServer, start_fake
 from tests.fakes import FakeEngine
+from tests.ports import free_port
 from tests.waiting import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,20 +32,26 @@ GRPC_GO = ROOT / ".tools" / "grpc-go-client"  # built from tests/interop/grpc_go
 NGINX = ROOT / ".tools" / "nginx" / "usr" / "sbin" / "nginx"  # Debian's nginx, unpacked
 SERVICE = "/llmgrpc.v1.LLMService/"
 CANCELLED, INVALID_ARGUMENT, DEADLINE_EXCEEDED = 1, 3, 4
+BIG = "".join(chr(32 + i % 90) for i in range(120_000))  # 120,000 token ids back
 
 
 async def _grpc_js(target: str) -> dict[str, Any]:
     node = shutil.which("node")
     assert node is not None, "node is installed with npm (README, make install)"
     assert GRPC_JS.is_dir(), "grpc-js is installed in .tools by make install"
+    result: dict[str, Any] = json.loads(await _run(node, str(CLIENT), target, str(ROOT / "proto")))
+    return result
+
+
+async def _run(*cmd: str, stdin: bytes | None = None) -> bytes:
+    """A client program's output; it must exit 0 within 2 minutes."""
     proc = await asyncio.create_subprocess_exec(
-        node, str(CLIENT), target, str(ROOT / "proto"),
+        *cmd, stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    out, err = await asyncio.wait_for(proc.communicate(stdin), 120)
     assert proc.returncode == 0, err.decode()
-    result: dict[str, Any] = json.loads(out)
-    return result
+    return out
 
 
 @pytest.mark.parametrize("transport", ["batched", "grpcio"])
@@ -78,17 +84,20 @@ async def _grpc_go(target: str, calls: list[dict[str, Any]]) -> list[dict[str, A
     assert GRPC_GO.is_file(), "the grpc-go client is built by make install"
     for c in calls:
         c["request"] = base64.b64encode(c["request"].SerializeToString()).decode()
-    proc = await asyncio.create_subprocess_exec(
-        str(GRPC_GO), stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
     spec = json.dumps({"target": target, "calls": calls}).encode()
-    out, err = await asyncio.wait_for(proc.communicate(spec), 120)
-    assert proc.returncode == 0, err.decode()
-    results: list[dict[str, Any]] = json.loads(out)
+    results: list[dict[str, Any]] = json.loads(await _run(str(GRPC_GO), stdin=spec))
     for r in results:
         r["responses"] = [base64.b64decode(b) for b in r["responses"]]
     return results
+
+
+async def _slow_fake(transport: str) -> tuple[FakeServer, FakeEngine]:
+    """10 ms a token: a stream to cancel is still running when the client has
+    its third message."""
+    engine = FakeEngine(step_delay=0.01, max_model_len=4096)
+    srv = await start_fake(ServerConfig(host="127.0.0.1", port=0, metrics_port=-1,
+                                        transport=transport), engine=engine)  # fmt: skip
+    return srv, engine
 
 
 def _tokens(responses: list[bytes]) -> list[int]:
@@ -102,17 +111,12 @@ async def test_grpc_go_gets_what_grpcio_gets(transport: str) -> None:
     flow-control window (64 KiB), a refused request, a stream the client
     cancels (RST_STREAM) and one whose deadline passes while the others go
     on, and a health check."""
-    # 10 ms a token: the stream to cancel is still running when the client
-    # has its third message.
-    engine = FakeEngine(step_delay=0.01, max_model_len=4096)
-    srv = await start_fake(ServerConfig(host="127.0.0.1", port=0, metrics_port=-1,
-                                        transport=transport), engine=engine)  # fmt: skip
-    big = "".join(chr(32 + i % 90) for i in range(120_000))  # 120,000 token ids back
+    srv, engine = await _slow_fake(transport)
     calls: list[dict[str, Any]] = [
         {"method": SERVICE + "Tokenize", "request": pb.TokenizeRequest(text="hello world")},
         {"method": SERVICE + "GenerateStream", "stream": True, "metadata": {"x-request-id": "go-1"},
          "request": pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(max_tokens=12))},
-        {"method": SERVICE + "Tokenize", "request": pb.TokenizeRequest(text=big)},
+        {"method": SERVICE + "Tokenize", "request": pb.TokenizeRequest(text=BIG)},
         {"method": SERVICE + "Generate",
          "request": pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(temperature=-1))},
         {"method": SERVICE + "GenerateStream", "stream": True, "cancel_after": 3,
@@ -139,7 +143,7 @@ async def test_grpc_go_gets_what_grpcio_gets(transport: str) -> None:
 
             tokenized = await py.tokenize("hello world")
             reference = await tokens("hi", 12)
-            tokenized_big = await py.tokenize(big)
+            tokenized_big = await py.tokenize(BIG)
             reference_16 = await asyncio.gather(*(tokens(f"p{i}", 40) for i in range(16)))
     finally:
         await srv.running.server.stop(grace=0)
@@ -181,12 +185,6 @@ http {{
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.parametrize("transport", ["batched", "grpcio"])
 async def test_through_nginx_grpc_pass(transport: str, tmp_path: Path) -> None:
     """nginx's grpc_pass (its own HTTP/2 client, as in ingress-nginx with
@@ -194,15 +192,14 @@ async def test_through_nginx_grpc_pass(transport: str, tmp_path: Path) -> None:
     statuses, a large response and a cancellation reach the client as they
     do without it."""
     assert NGINX.is_file(), "nginx is unpacked into .tools by make install"
-    engine = FakeEngine(step_delay=0.01, max_model_len=4096)
-    srv = await start_fake(ServerConfig(host="127.0.0.1", port=0, metrics_port=-1,
-                                        transport=transport), engine=engine)  # fmt: skip
-    port = _free_port()
+    srv, engine = await _slow_fake(transport)
+    port = free_port()
     conf = tmp_path / "nginx.conf"
     conf.write_text(NGINX_CONF.format(tmp=tmp_path, port=port, backend=srv.target))
     proxy = await asyncio.create_subprocess_exec(
-        str(NGINX), "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "error.log"), stderr=asyncio.subprocess.PIPE)
-    big = "".join(chr(32 + i % 90) for i in range(120_000))
+        str(NGINX), "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "error.log"),
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             await asyncio.wait_for(channel.channel_ready(), 30)
@@ -212,7 +209,7 @@ async def test_through_nginx_grpc_pass(transport: str, tmp_path: Path) -> None:
                 metadata=(("x-request-id", "nginx-1"),))  # fmt: skip
             streamed = [t async for m in call for t in m.token_ids]
             initial = dict(await call.initial_metadata())
-            tokenized = await stub.Tokenize(pb.TokenizeRequest(text=big))
+            tokenized = await stub.Tokenize(pb.TokenizeRequest(text=BIG))
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await stub.Generate(pb.GenerateRequest(
                     prompt="hi", sampling=pb.SamplingParams(temperature=-1)))  # fmt: skip
@@ -225,7 +222,7 @@ async def test_through_nginx_grpc_pass(transport: str, tmp_path: Path) -> None:
             assert await eventually(lambda: len(engine.aborted) == 1)
         async with AsyncClient(srv.target) as py:
             reference = [t async for d in py.stream("hi", max_tokens=12) for t in d.token_ids]
-            reference_big = await py.tokenize(big)
+            reference_big = await py.tokenize(BIG)
     finally:
         proxy.terminate()
         await proxy.wait()
